@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything CI checks, in order: the notebooks and library are in sync, every chapter's inline tests pass,
+# pytest passes, and the built wheel installs and runs without the dev extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+export PJRT_DEVICE=CPU   # torch_xla tests run on XLA's CPU device
+step() { printf '\n== %s\n' "$*"; }
+
+step "notebooks and library in sync (nbdev-export, nbdev-clean change nothing)"
+snapshot() { git status --porcelain=v1 --untracked-files=all; git diff; }
+before=$(snapshot | sha256sum)
+$BIN/nbdev-export
+$BIN/nbdev-clean
+if [ "$(snapshot | sha256sum)" != "$before" ]; then
+  echo "nbdev-export or nbdev-clean changed files: run them and commit the result." >&2
+  git status --short >&2
+  exit 1
+fi
+
+step "nbdev-test: every chapter's inline tests (cells flagged gpu, tpu or slow are skipped)"
+$BIN/nbdev-test --n-workers 2 --timing
+
+step "pytest"
+$BIN/pytest -q
+
+step "the wheel installs and runs without the dev extras"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+$BIN/python -m build --wheel --outdir "$work/dist" . >/dev/null
+python3 -m venv "$work/venv"
+"$work/venv/bin/python" -m pip install --quiet -c requirements/lock.txt "$work"/dist/vishwamai-*.whl
+(cd "$work" && "$work/venv/bin/python" "$OLDPWD/scripts/smoke_wheel.py")

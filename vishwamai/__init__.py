@@ -1,0 +1,4 @@
+"Vishwamai: a Mixture of Experts with causal Multi-Level Attention, as a literate PyTorch library."
+__version__ = "0.1.0"
+
+from .config import VishwamaiConfig, param_counts
