@@ -21,13 +21,18 @@ fi
 step "nbdev-test: every chapter's inline tests (cells flagged gpu, tpu or slow are skipped)"
 $BIN/nbdev-test --n-workers 2 --timing
 
+step "site check dependencies (pandoc, chromium, playwright)"
+bash tools/install_site_deps.sh "$BIN/python"
+
 step "pytest"
 $BIN/pytest -q
 
 step "the wheel installs and runs without the dev extras"
+repo=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 $BIN/python -m build --wheel --outdir "$work/dist" . >/dev/null
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet -c requirements/lock.txt "$work"/dist/vishwamai-*.whl
-(cd "$work" && "$work/venv/bin/python" "$OLDPWD/scripts/smoke_wheel.py")
+# run from outside the checkout, so that `import vishwamai` can only find the installed wheel
+(cd "$work" && "$work/venv/bin/python" "$repo/scripts/smoke_wheel.py")

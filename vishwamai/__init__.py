@@ -2,3 +2,6 @@
 __version__ = "0.1.0"
 
 from .config import VishwamaiConfig, param_counts
+from .moe import MoE
+from .attention import MultiLevelAttention
+from .model import Vishwamai, dense_baseline

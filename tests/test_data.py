@@ -1,0 +1,277 @@
+"Data pipeline: corpus loading, leak-free splits, tokenizers, packing, loaders and the unigram baseline."
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+
+from vishwamai.data import (EOT, IGNORE_INDEX, BPETokenizer, ByteTokenizer, PackedBlocks, encode_documents,
+                            load_corpus, load_tokenizer, make_loaders, prepare_data, split_documents,
+                            stdlib_files, unigram_baseline)
+
+SAMPLES = ["", "x", "déjà vu ✓ 🚀", "a\r\nb\tc   d\n\n", "    def f(self):\n        return {'k': [1, 2]}\n",
+           f"literal {EOT} inside text"]
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs():
+    return load_corpus("stdlib", max_files=60)
+
+
+@pytest.fixture(scope="module")
+def small_bpe(stdlib_docs):
+    return BPETokenizer.train(stdlib_docs["text"], vocab_size=600, max_train_bytes=300_000)
+
+
+def write_docs(folder, n):
+    "n small documents, each with a marker string found in no other document."
+    for i in range(n):
+        (folder / f"doc{i:03d}.txt").write_text(f"document number {i} says unique-marker-{i:03d}-end.\n" * 3)
+
+
+# --- packing ----------------------------------------------------------------------------------------------------
+
+def test_blocks_are_shifted_next_token_pairs():
+    ids = torch.randint(0, 50, (1000,), dtype=torch.int32)
+    T = 16
+    blocks = PackedBlocks(ids, T)
+    assert len(blocks) == (len(ids) - 1) // T
+    xs, ys = zip(*(blocks[i] for i in range(len(blocks))))
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        assert x.shape == y.shape == (T,) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, ids[i * T:i * T + T].long())
+        assert torch.equal(y, ids[i * T + 1:i * T + T + 1].long())  # labels = inputs shifted by one
+    # every token after the first is a label exactly once, in order
+    assert torch.equal(torch.cat(ys), ids[1:1 + len(blocks) * T].long())
+
+
+def test_pad_last_masks_only_padding():
+    ids = torch.arange(40, dtype=torch.int32)  # 39 labels: 2 full blocks of 16, 7 left
+    blocks = PackedBlocks(ids, 16, pad_last=True, pad_id=99)
+    assert len(blocks) == 3 and len(PackedBlocks(ids, 16)) == 2
+    x, y = blocks[2]
+    assert x.shape == y.shape == (16,)
+    assert torch.equal(x[:7], ids[32:39].long()) and (x[7:] == 99).all()
+    assert torch.equal(y[:7], ids[33:40].long()) and (y[7:] == IGNORE_INDEX).all()
+    with pytest.raises(IndexError):
+        blocks[3]
+
+
+def test_packing_bad_input():
+    with pytest.raises(ValueError, match="cannot fill one block"):
+        PackedBlocks(torch.arange(10), 16)
+    with pytest.raises(ValueError, match="seq_len"):
+        PackedBlocks(torch.arange(10), 0)
+    with pytest.raises(ValueError, match="1-D"):
+        PackedBlocks(torch.zeros(4, 4, dtype=torch.long), 2)
+
+
+def test_stream_ends_every_document_with_eot():
+    tok = ByteTokenizer()
+    ids = encode_documents(tok, ["ab", "c"])
+    assert ids.tolist() == [97, 98, tok.eot_id, 99, tok.eot_id]
+
+
+# --- splits -----------------------------------------------------------------------------------------------------
+
+def test_split_is_by_document_and_seeded(stdlib_docs):
+    train, val = split_documents(stdlib_docs, val_fraction=0.2, seed=3)
+    assert len(train) + len(val) == len(stdlib_docs) and len(val) == round(0.2 * len(stdlib_docs))
+    assert not set(val["text"]) & set(train["text"])
+    assert list(split_documents(stdlib_docs, 0.2, seed=3)[1]["text"]) == list(val["text"])
+    assert list(split_documents(stdlib_docs, 0.2, seed=4)[1]["text"]) != list(val["text"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_documents(stdlib_docs, 0.0)
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        split_documents(stdlib_docs.select([0]), 0.5)
+
+
+def test_no_validation_document_reaches_training_blocks(tmp_path):
+    write_docs(tmp_path, 20)
+    data = prepare_data(str(tmp_path), seq_len=32, tokenizer="byte", val_fraction=0.25, seed=0,
+                        cache_dir=str(tmp_path / "cache"))
+    train_text = data.tokenizer.decode(data.train_ids)
+    val_text = data.tokenizer.decode(data.val_ids)
+    val_markers = {f"unique-marker-{i:03d}-end" for i in range(20) if f"unique-marker-{i:03d}-end" in val_text}
+    assert len(val_markers) == 5
+    assert not any(m in train_text for m in val_markers)
+    assert sum(m in train_text for m in (f"unique-marker-{i:03d}-end" for i in range(20))) == 15
+
+
+def test_repeated_and_blank_documents_are_dropped(tmp_path):
+    (tmp_path / "a.txt").write_text("same text\n")
+    (tmp_path / "b.txt").write_text("same text\n")
+    (tmp_path / "c.txt").write_text("other text\n")
+    (tmp_path / "d.txt").write_text("   \n")
+    ds = load_corpus(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert sorted(ds["text"]) == ["other text\n", "same text\n"]
+
+
+def test_stdlib_files_exclude_tests_and_are_sorted():
+    files = stdlib_files()
+    assert len(files) > 100 and files == stdlib_files()
+    assert not any(part in ("test", "tests", "site-packages") for f in files for part in f.parts)
+    assert len(stdlib_files(max_files=7)) == 7
+
+
+# --- tokenizers -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_byte_tokenizer_round_trip(text):
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(text)) == text
+    assert all(0 <= i < 256 for i in tok.encode(text))
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_bpe_round_trip(small_bpe, text):
+    assert small_bpe.decode(small_bpe.encode(text)) == text
+
+
+def test_bpe_round_trips_real_documents_and_compresses(small_bpe, stdlib_docs):
+    docs = list(stdlib_docs["text"][:10])
+    encoded = small_bpe.encode_batch(docs)
+    assert [small_bpe.decode(ids) for ids in encoded] == docs
+    assert sum(map(len, encoded)) < 0.6 * sum(len(d.encode()) for d in docs)  # fewer tokens than bytes
+    assert small_bpe.vocab_size == 600 and max(max(ids) for ids in encoded) < 600
+
+
+def test_eot_is_one_id_and_decodes_to_its_marker(small_bpe):
+    for tok in (ByteTokenizer(), small_bpe):
+        assert tok.decode([*tok.encode("a"), tok.eot_id, *tok.encode("b")]) == f"a{EOT}b"
+
+
+def test_tokenizer_save_and_load(tmp_path, small_bpe):
+    small_bpe.save(tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path)  # a checkpoint folder
+    assert isinstance(loaded, BPETokenizer)
+    assert loaded.encode(SAMPLES[4]) == small_bpe.encode(SAMPLES[4]) and loaded.eot_id == small_bpe.eot_id
+    ByteTokenizer().save(tmp_path / "bytes.json")
+    assert isinstance(load_tokenizer(tmp_path / "bytes.json"), ByteTokenizer)
+
+
+def test_tokenizer_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+        load_tokenizer(tmp_path / "missing.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid tokenizer JSON"):
+        load_tokenizer(tmp_path / "junk.json")
+    (tmp_path / "other.json").write_text('{"vocab": 3}')
+    with pytest.raises(ValueError, match="neither"):
+        load_tokenizer(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="at least 257"):
+        BPETokenizer.train(["abc"], vocab_size=100)
+    with pytest.raises(ValueError, match="outside"):
+        ByteTokenizer().decode([300])
+
+
+# --- corpus errors ----------------------------------------------------------------------------------------------
+
+def test_empty_or_missing_corpus(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_corpus(str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_corpus(str(tmp_path / "no" / "such" / "folder"))
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_corpus(str(tmp_path / "blank.txt"), cache_dir=str(tmp_path / "cache"))
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    (empty_dir / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match="holds no text files"):
+        load_corpus(str(empty_dir))
+
+
+def test_hub_dataset_text_column(monkeypatch):
+    "The Hub branch without a network: `datasets.load_dataset` returns an in-memory dataset."
+    import datasets
+    fake = datasets.Dataset.from_dict({"story": ["once upon a time", "the end"], "id": [1, 2]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: fake)
+    with pytest.raises(ValueError, match=r"no text column 'text'.*story"):
+        load_corpus("someone/stories")
+    ds = load_corpus("someone/stories", text_column="story")
+    assert ds.column_names == ["text"] and list(ds["text"]) == ["once upon a time", "the end"]
+
+
+def test_unreachable_hub_dataset_names_the_source(monkeypatch):
+    import datasets
+
+    def offline(*a, **k): raise ConnectionError("no network")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="someone/stories"):
+        load_corpus("someone/stories")
+
+
+# --- loaders ----------------------------------------------------------------------------------------------------
+
+def block_ids(batches, seq_len):
+    "Block index of every example, recovered from its first token (the stream is 0, 1, 2, ...)."
+    return [int(x[j, 0]) // seq_len for x, _ in batches for j in range(len(x))]
+
+
+def test_two_replicas_cover_every_block_once():
+    T = 8
+    train, val = PackedBlocks(torch.arange(8 * 40 + 1), T), PackedBlocks(torch.arange(8 * 10 + 1), T)
+    seen_train, seen_val = [], []
+    for rank in range(2):
+        tr, va = make_loaders(train, val, batch_size=4, num_replicas=2, rank=rank, seed=1)
+        tr.sampler.set_epoch(3)
+        seen_train += block_ids(tr, T)
+        seen_val += block_ids(va, T)
+        assert {tuple(x.shape) for x, _ in tr} == {(4, T)}
+    assert sorted(seen_train) == list(range(len(train)))
+    assert sorted(seen_val) == list(range(len(val)))
+
+
+def test_uneven_blocks_drop_without_duplicates():
+    T = 8
+    train = PackedBlocks(torch.arange(8 * 41 + 1), T)  # 41 blocks over 2 replicas
+    seen = []
+    for rank in range(2):
+        tr, _ = make_loaders(train, train, batch_size=4, num_replicas=2, rank=rank)
+        seen += block_ids(tr, T)
+    assert len(seen) == len(set(seen)) == 40
+
+
+def test_training_order_depends_on_seed_and_epoch_only():
+    blocks = PackedBlocks(torch.arange(8 * 30 + 1), 8)
+
+    def order(seed, epoch):
+        tr, _ = make_loaders(blocks, blocks, batch_size=5, seed=seed)
+        tr.sampler.set_epoch(epoch)
+        return block_ids(tr, 8)
+
+    assert order(0, 2) == order(0, 2)
+    assert order(0, 2) != order(0, 3) and order(0, 2) != order(1, 2)
+    assert sorted(order(0, 2)) == list(range(30))
+
+
+def test_loader_bad_input():
+    blocks = PackedBlocks(torch.arange(8 * 10 + 1), 8)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make_loaders(blocks, blocks, batch_size=11)
+    with pytest.raises(ValueError, match="rank"):
+        make_loaders(blocks, blocks, batch_size=2, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loaders(blocks, blocks, batch_size=0)
+
+
+# --- unigram baseline -------------------------------------------------------------------------------------------
+
+def test_unigram_baseline_on_real_tokens(stdlib_docs, small_bpe):
+    train, val = split_documents(stdlib_docs, 0.2, seed=0)
+    train_ids, val_ids = encode_documents(small_bpe, train["text"]), encode_documents(small_bpe, val["text"])
+    h = unigram_baseline(train_ids, val_ids, small_bpe.vocab_size)
+    assert math.isfinite(h) and 0 < h < math.log(small_bpe.vocab_size)
+
+
+def test_unigram_baseline_math():
+    assert unigram_baseline(torch.tensor([0, 1, 2, 3]), torch.tensor([2]), 4) == pytest.approx(math.log(4))
+    assert unigram_baseline(torch.tensor([0, 0, 0]), torch.tensor([0, 1]), 2) == pytest.approx(
+        -(math.log(4 / 5) + math.log(1 / 5)) / 2)
+    with pytest.raises(ValueError, match="outside"):
+        unigram_baseline(torch.tensor([4]), torch.tensor([0]), 4)
+    with pytest.raises(ValueError, match="empty"):
+        unigram_baseline(torch.tensor([], dtype=torch.long), torch.tensor([0]), 4)
