@@ -4,4 +4,5 @@ __version__ = "0.1.0"
 from .config import VishwamaiConfig, param_counts
 from .moe import MoE
 from .attention import MultiLevelAttention
-from .model import Vishwamai, dense_baseline
+from .model import Vishwamai, VishwamaiOutput, dense_baseline
+from .train import TrainConfig, train, load_checkpoint

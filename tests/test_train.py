@@ -1,0 +1,135 @@
+"Training: exact resumption, failures that keep what was saved, Ctrl-C, and clear errors."
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from vishwamai import VishwamaiConfig
+from vishwamai.data import prepare_data
+from vishwamai.train import (TrainConfig, TrainingDiverged, find_checkpoint, load_checkpoint, save_checkpoint, train)
+
+CFG = VishwamaiConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=4, num_experts=4, top_k=2, max_seq_len=64,
+                      expert_dim=32, expert_hidden=32, ffn_hidden=32, level_windows=(8, 4, None))
+TC = TrainConfig(steps=8, batch_size=4, seq_len=32, warmup_steps=2, eval_every=4, eval_batches=2, log_every=2, save_every=4)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    "A folder of 20 small Python files: a corpus of 20 documents."
+    folder = tmp_path_factory.mktemp("corpus")
+    for k in range(20):
+        (folder / f"m{k}.py").write_text("".join(f"def f{i}(x):\n    return x * {i} + {k}\n" for i in range(40)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(corpus):
+    return prepare_data(str(corpus), seq_len=32, tokenizer="byte", val_fraction=0.5, seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    # several CPU threads may sum floats in a different order from run to run; one thread makes runs bit-exact
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resuming_follows_the_same_loss_trajectory(tmp_path, data, one_thread):
+    whole = train(CFG, replace(TC, out_dir=str(tmp_path / "a")), data=data, progress=False)["history"]
+    train(CFG, replace(TC, out_dir=str(tmp_path / "b")), data=data, until=4, progress=False)
+    resumed = train(CFG, replace(TC, out_dir=str(tmp_path / "b")), data=data, resume=True, progress=False)["history"]
+    assert len(whole["loss"]) == 8
+    assert resumed["loss"] == whole["loss"]
+    assert resumed["val"] == whole["val"]
+
+
+def test_bias_balancing_and_accumulation_resume_exactly(tmp_path, data, one_thread):
+    cfg, tc = replace(CFG, bias_update_rate=1e-2, dropout=0.1), replace(TC, grad_accum=2)
+    whole = train(cfg, replace(tc, out_dir=str(tmp_path / "a")), data=data, progress=False)
+    train(cfg, replace(tc, out_dir=str(tmp_path / "b")), data=data, until=4, progress=False)
+    resumed = train(cfg, replace(tc, out_dir=str(tmp_path / "b")), data=data, resume=True, progress=False)
+    assert resumed["history"]["loss"] == whole["history"]["loss"]
+    bias = [b.moe.router.expert_bias for b in whole["model"].blocks]
+    assert any(b.abs().sum() > 0 for b in bias), "bias balancing never moved the bias"
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    tc = replace(TC, out_dir=str(tmp_path), steps=12, save_every=2, warmup_steps=0, grad_clip=0.0)
+    train(CFG, replace(tc, steps=4), data=data, progress=False)
+    good = find_checkpoint(tmp_path)
+    with pytest.raises(TrainingDiverged, match=str(good)):
+        train(CFG, replace(tc, lr=1e30), data=data, resume=True, progress=False)
+    assert find_checkpoint(tmp_path) == good
+    load_checkpoint(tmp_path)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, data):
+    res = train(CFG, replace(TC, out_dir=str(tmp_path), steps=4), data=data, progress=False)
+    good = find_checkpoint(tmp_path)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    class BrokenTokenizer:
+        def save(self, path): raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 4, res["model"], BrokenTokenizer(), TC)
+    assert find_checkpoint(tmp_path) == good
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_bad_checkpoints_and_mismatched_configs_are_refused(tmp_path, data):
+    with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+        load_checkpoint(tmp_path)
+    train(CFG, replace(TC, out_dir=str(tmp_path), steps=4), data=data, progress=False)
+    with pytest.raises(ValueError, match="d_model"):
+        train(replace(CFG, d_model=64, expert_dim=64), replace(TC, out_dir=str(tmp_path)), data=data, resume=True, progress=False)
+    ck = find_checkpoint(tmp_path)
+    (ck / "train_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="missing train_state.pt"):
+        load_checkpoint(tmp_path)
+    weights = ck / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    (ck / "train_state.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("device,match", [("quantum", "unknown device"), ("cuda:7", "CUDA|cuda")])
+def test_unknown_or_absent_devices_are_refused(tmp_path, data, device, match):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7: pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(ValueError, match=match):
+        train(CFG, replace(TC, out_dir=str(tmp_path), device=device), data=data, progress=False)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
+    script = textwrap.dedent(f"""
+        import sys
+        from vishwamai import VishwamaiConfig
+        from vishwamai.data import prepare_data
+        from vishwamai.train import TrainConfig, train
+        cfg = VishwamaiConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=4, num_experts=4, top_k=2, max_seq_len=64,
+                              expert_dim=32, expert_hidden=32, ffn_hidden=32, level_windows=(8, 4, None))
+        data = prepare_data({str(corpus)!r}, seq_len=32, tokenizer="byte", val_fraction=0.5)
+        print("ready", flush=True)
+        res = train(cfg, TrainConfig(steps=100000, batch_size=4, seq_len=32, save_every=100000, eval_every=100000,
+                                     out_dir={str(tmp_path)!r}), data=data, progress=False)
+        print("interrupted" if res["interrupted"] else "finished", res["checkpoint"], flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(3)  # let a few steps run
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.startswith("interrupted"), out
+    ck = find_checkpoint(tmp_path)
+    assert 0 < load_checkpoint(ck).state["step"] < 100000
