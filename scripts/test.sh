@@ -19,7 +19,10 @@ if [ "$(snapshot | sha256sum)" != "$before" ]; then
 fi
 
 step "nbdev-test: every chapter's inline tests (cells flagged gpu, tpu or slow are skipped)"
-$BIN/nbdev-test --n-workers 2 --timing
+# The XLA chapter gets a process of its own: torch_xla 2.9 needs its device created before the process's first
+# backward pass, and nbdev-test's workers run several chapters each.
+$BIN/nbdev-test --n-workers 2 --timing --skip-file-re '^40_xla'
+$BIN/nbdev-test --timing nbs/40_xla.ipynb
 
 step "site check dependencies (pandoc, chromium, playwright)"
 bash tools/install_site_deps.sh "$BIN/python"
