@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 export PJRT_DEVICE=CPU   # torch_xla tests run on XLA's CPU device
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== [%ss] %s\n' "$SECONDS" "$*"; }
 
 step "notebooks and library in sync (nbdev-export, nbdev-clean change nothing)"
 snapshot() { git status --porcelain=v1 --untracked-files=all; git diff; }
@@ -39,3 +39,4 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet -c requirements/lock.txt "$work"/dist/vishwamai-*.whl
 # run from outside the checkout, so that `import vishwamai` can only find the installed wheel
 (cd "$work" && "$work/venv/bin/python" "$repo/scripts/smoke_wheel.py")
+step "all checks passed"
