@@ -1,11 +1,11 @@
-"The MoE layer: the three dispatches compute the same function (forward and gradients), drops, losses, errors, purity."
+"The MoE layer: the three dispatches compute the same function (forward and gradients), causal capacity, losses, errors, purity."
 from dataclasses import replace
 
 import pytest
 import torch
 
 from vishwamai.config import VishwamaiConfig, param_counts
-from vishwamai.experts import Experts, expert_capacity, grouped_mm_supported
+from vishwamai.experts import CapacityState, Experts, capacity_budget, causal_capacity_plan, grouped_mm_supported
 from vishwamai.moe import MoE, bench_moe
 
 
@@ -57,16 +57,47 @@ def test_grouped_mm_path_agrees_fp32():
 
 
 def test_capacity_drops_are_counted_and_contribute_zero():
+    "Every token picks experts 0 and 1 at capacity factor 1: the budget ceil(2t/4) lets through every other token."
     cfg = VishwamaiConfig(d_model=16, num_experts=4, top_k=2, expert_dim=8, expert_hidden=8, capacity_factor=1.0)
     ex = Experts(cfg)
     N = 20
     idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.ones(N, dtype=torch.long)], 1)
-    x = torch.randn(N, 16)
-    out, dropped = ex(x, idx, torch.full((N, 2), 0.5), "capacity")
-    C = expert_capacity(2 * N, 4, 1.0)
-    assert C == 10
-    torch.testing.assert_close(dropped, torch.tensor((2 * N - 2 * C) / (2 * N)))
-    assert out[C:].abs().max() == 0 and out[:C].abs().min() >= 0 and out[:C].abs().sum() > 0
+    out, dropped = ex(torch.randn(N, 16), idx, torch.full((N, 2), 0.5), "capacity")
+    assert [capacity_budget(t, 2, 4, 1.0) for t in (1, 2, 3, 4, 20)] == [1, 1, 2, 2, 10]
+    torch.testing.assert_close(dropped, torch.tensor(0.5))
+    assert out[1::2].abs().max() == 0 and out[0::2].abs().min() > 0
+
+
+def _plan_by_recursion(idx, E, factor, k):
+    "The causal queue one token at a time: K_e(t) = min(K_e(t-1) + a_e(t), B(t)); keep when K_e grows."
+    S, T, _ = idx.shape
+    keep, slot = torch.zeros(S, T, k, dtype=torch.bool), torch.zeros(S, T, k, dtype=torch.long)
+    for s in range(S):
+        kept = [0] * E
+        for t in range(T):
+            budget = capacity_budget(t + 1, k, E, factor)
+            for j, e in enumerate(idx[s, t].tolist()):
+                if kept[e] < budget: keep[s, t, j], slot[s, t, j], kept[e] = True, kept[e], kept[e] + 1
+    return keep, slot
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.25])
+def test_causal_capacity_plan_matches_the_recursion_and_resumes(factor):
+    "The closed form equals the token-by-token queue; carried state in chunks (decoding) gives the same plan."
+    torch.manual_seed(0)
+    E, k, T = 6, 2, 33
+    logits = torch.randn(3, T, E) + torch.tensor([2.0, 1, 0, 0, 0, 0])  # skewed: some experts overflow
+    idx = logits.topk(k, -1).indices
+    keep, slot, C = causal_capacity_plan(idx, E, factor)
+    want_keep, want_slot = _plan_by_recursion(idx, E, factor, k)
+    assert torch.equal(keep, want_keep) and torch.equal(slot[keep], want_slot[keep])
+    assert 0 < (~keep).sum() and slot[keep].max() < C
+    state, start, parts = CapacityState(torch.zeros(3, E, dtype=torch.long), torch.zeros(3, E, dtype=torch.long)), 0, []
+    for n in (1, 7, 1, 1, 11, 12):  # a prompt, then tokens one or a few at a time
+        k_part, s_part, _ = causal_capacity_plan(idx[:, start:start + n], E, factor, start, state)
+        parts.append(k_part)
+        start += n
+    assert torch.equal(torch.cat(parts, 1), keep)
 
 
 def test_aux_loss_reaches_router_and_stats():

@@ -63,7 +63,7 @@ class ExpertParallelExperts(nn.Module):
         N, k = idx.shape
         expert, order = torch.sort(idx.reshape(-1), stable=True)
         token = order // k
-        rows = F.layer_norm(u, u.shape[-1:])[token]
+        rows = F.layer_norm(u, u.shape[-1:]).index_select(0, token)
         send = torch.zeros(self.world, dtype=torch.long, device=u.device).scatter_add_(0, expert // self.local, torch.ones_like(expert))
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
@@ -77,7 +77,7 @@ class ExpertParallelExperts(nn.Module):
         y = sorted_expert_mlp(h, self.w1.to(u.dtype), self.w2.to(u.dtype), counts, local)
         y = y.new_zeros(y.shape).index_copy(0, perm, y)  # back to arrival order
         back = all_to_all_single(y.new_empty(sum(send_n), y.shape[-1]), y, send_n, recv_n, group=self.group)
-        back = self.drop(back) * gates.reshape(-1)[order, None].to(back.dtype)
+        back = self.drop(back) * gates.reshape(-1).index_select(0, order)[:, None].to(back.dtype)
         mixed = torch.zeros_like(u).index_add_(0, token, back)
         if self.shared is not None: mixed = mixed + self.shared(u)
         return self.w_out(mixed), u.new_zeros(())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import VishwamaiConfig
@@ -75,7 +76,7 @@ class TokenEmbedding(nn.Module):
         # for training loops on accelerators, whose token ids come from their own tokenizer
         if self.check_ids and ids.device.type != "xla" and ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"TokenEmbedding: ids must lie in [0, {cfg.vocab_size}), got [{ids.min().item()}, {ids.max().item()}]")
-        x = self.weight[ids]
+        x = F.embedding(ids, self.weight)  # its CPU backward sums each row in a fixed order; weight[ids]'s does not
         if cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_positions(ids.shape[1], cfg.d_model, start=start, device=ids.device).to(x.dtype)
         return x

@@ -3,7 +3,8 @@
 # %% ../nbs/12_experts.ipynb #23f7fb65
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,8 @@ from .config import VishwamaiConfig
 
 # %% auto #0
 __all__ = ['DISPATCHES', 'expert_mlp', 'SharedExpert', 'dispatch_loop', 'grouped_mm_supported', 'padded_expert_mlp',
-           'sorted_expert_mlp', 'dispatch_grouped', 'expert_capacity', 'dispatch_capacity', 'resolve_moe_impl',
-           'Experts']
+           'sorted_expert_mlp', 'dispatch_grouped', 'capacity_budget', 'running_max', 'CapacityState',
+           'causal_capacity_plan', 'capacity_mlp', 'dispatch_capacity', 'resolve_moe_impl', 'Experts']
 
 # %% ../nbs/12_experts.ipynb #97d40177
 def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -35,12 +36,12 @@ class SharedExpert(nn.Module):
 # %% ../nbs/12_experts.ipynb #9891a75c
 def dispatch_loop(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor):
     "Reference dispatch: a Python loop over experts. Returns the gated sum `[N, d_e]` and the dropped fraction (0)."
-    out = torch.zeros_like(u)
+    out, k = torch.zeros_like(u), idx.shape[-1]
     for e in range(experts.num_experts):
         token, slot = torch.where(idx == e)
-        h = F.layer_norm(u[token], u.shape[-1:], experts.norm_weight[e], experts.norm_bias[e])
+        h = F.layer_norm(u.index_select(0, token), u.shape[-1:], experts.norm_weight[e], experts.norm_bias[e])
         y = experts.drop(expert_mlp(h, experts.w1[e].to(u.dtype), experts.w2[e].to(u.dtype)))
-        out.index_add_(0, token, y * gates[token, slot, None].to(y.dtype))
+        out.index_add_(0, token, y * gates.reshape(-1).index_select(0, token * k + slot)[:, None].to(y.dtype))
     return out, u.new_zeros(())
 
 # %% ../nbs/12_experts.ipynb #04a578df
@@ -69,7 +70,7 @@ def sorted_expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, count
     starts = counts.cumsum(0) - counts
     slot = row_expert * C + torch.arange(len(x), device=x.device) - starts[row_expert]
     buf = x.new_zeros(E * C, x.shape[-1]).index_copy(0, slot, x).view(E, C, -1)
-    return padded_expert_mlp(buf, w1, w2).flatten(0, 1)[slot]
+    return padded_expert_mlp(buf, w1, w2).flatten(0, 1).index_select(0, slot)
 
 def dispatch_grouped(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor):
     "Dropless dispatch: one sort by expert, grouped GEMMs, an in-place scatter-add back. Returns `[N, d_e]` and 0 dropped."
@@ -78,33 +79,72 @@ def dispatch_grouped(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gat
     token = order // k
     counts = torch.zeros(experts.num_experts, dtype=torch.long, device=u.device).scatter_add_(0, row_expert, torch.ones_like(row_expert))
     # normalize once per token, then each row's expert scale and shift; cast back because autocast runs layer_norm in fp32
-    x = (F.layer_norm(u, u.shape[-1:])[token] * experts.norm_weight[row_expert] + experts.norm_bias[row_expert]).to(u.dtype)
+    x = F.layer_norm(u, u.shape[-1:]).index_select(0, token)
+    x = (x * experts.norm_weight.index_select(0, row_expert) + experts.norm_bias.index_select(0, row_expert)).to(u.dtype)
     y = sorted_expert_mlp(x, experts.w1.to(u.dtype), experts.w2.to(u.dtype), counts, row_expert, experts.use_grouped_mm)
-    y = experts.drop(y) * gates.reshape(-1)[order, None].to(y.dtype)
+    y = experts.drop(y) * gates.reshape(-1).index_select(0, order)[:, None].to(y.dtype)
     return torch.zeros_like(u).index_add_(0, token, y), u.new_zeros(())
 
 # %% ../nbs/12_experts.ipynb #24f66064
-def expert_capacity(assignments: int, num_experts: int, capacity_factor: float) -> int:
-    "Slots per expert: ceil(capacity_factor * assignments / num_experts)."
-    return math.ceil(capacity_factor * assignments / num_experts)
+def capacity_budget(tokens, top_k: int, num_experts: int, capacity_factor: float):
+    "Slots an expert may have filled after a sequence's first `tokens` tokens: ceil(capacity_factor * top_k * tokens / num_experts), exact in integers."
+    f = Fraction(capacity_factor).limit_denominator(1 << 16)
+    p, q = f.numerator * top_k, f.denominator * num_experts
+    return (tokens * p + q - 1) // q
 
-def dispatch_capacity(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor):
-    "Static-shape dispatch with `capacity_factor`. Returns the gated sum `[N, d_e]` and the fraction of assignments dropped."
-    N, k = idx.shape
-    E = experts.num_experts
-    C = expert_capacity(N * k, E, experts.capacity_factor)
-    flat = idx.t().reshape(-1)  # choice-major: every token's first choice is queued before any second choice
-    token = torch.arange(N, device=u.device).repeat(k)
-    onehot = F.one_hot(flat, E)
-    position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place in its expert's queue
-    keep = position < C
-    slot = torch.where(keep, flat * C + position, E * C)  # dropped rows go to a spare slot that is never read
-    x = F.layer_norm(u, u.shape[-1:])[token]
-    buf = x.new_zeros(E * C + 1, x.shape[-1]).index_copy(0, slot, x)[: E * C].view(E, C, -1)
+def running_max(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    "Inclusive running maximum along `dim` by doubling: log2(n) elementwise maxima, native on every backend."
+    n, shift = x.shape[dim], 1
+    while shift < n:
+        x = torch.maximum(x, torch.cat([x.narrow(dim, 0, shift), x.narrow(dim, 0, n - shift)], dim))
+        shift *= 2
+    return x
+
+@dataclass
+class CapacityState:
+    "The causal queues of each sequence so far, carried between calls when decoding: per sequence and expert, assignments routed and dropped."
+    routed: torch.Tensor  # [S, E] A_e
+    dropped: torch.Tensor  # [S, E] D_e
+
+# %% ../nbs/12_experts.ipynb #608d7e1b
+def causal_capacity_plan(idx: torch.Tensor, num_experts: int, capacity_factor: float, start: int = 0,
+                         state: CapacityState | None = None):
+    "Which assignments `idx` `[S, T, k]` (tokens `start..start+T-1` of S sequences) the causal queues keep: `(keep, slot, C)`."
+    S, T, k = idx.shape
+    routed = F.one_hot(idx, num_experts).sum(2).cumsum(1)  # A_e(t) [S, T, E]; a token's k experts differ
+    dropped_before = torch.zeros_like(routed[:, 0]) if state is None else state.dropped  # D_e before this call
+    kept_before = torch.zeros_like(routed[:, 0]) if state is None else state.routed - state.dropped  # K_e before this call
+    if state is not None: routed = routed + state.routed[:, None]
+    budget = capacity_budget(torch.arange(start + 1, start + T + 1, device=idx.device), k, num_experts, capacity_factor)
+    dropped = running_max(torch.maximum(routed - budget[:, None], dropped_before[:, None]))  # D_e(t)
+    kept = routed - dropped  # K_e(t)
+    grew = kept > torch.cat([kept_before[:, None], kept[:, :-1]], 1)
+    keep, slot = grew.gather(2, idx), (kept - 1 - kept_before[:, None]).gather(2, idx)  # slots count from this call's first
+    if state is not None: state.routed, state.dropped = routed[:, -1], dropped[:, -1]
+    return keep, slot, min(T, capacity_budget(start + T, k, num_experts, capacity_factor))
+
+# %% ../nbs/12_experts.ipynb #ce102c7c
+def capacity_mlp(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor,
+                 slot: torch.Tensor, C: int) -> torch.Tensor:
+    "Expert MLPs of sequences `u` `[S, T, d_e]` through fixed buffers `[E, S*C, d_e]`: assignment `idx` goes to row `slot` if `keep`."
+    S, T, k = idx.shape
+    E, de = experts.num_experts, u.shape[-1]
+    seq = torch.arange(S, device=u.device)[:, None, None]
+    row = torch.where(keep, (idx * S + seq) * C + slot, E * S * C).reshape(-1)  # buffer row; dropped: a spare row, never read
+    token = torch.arange(S * T, device=u.device).repeat_interleave(k)  # each assignment's token
+    x = F.layer_norm(u, (de,)).reshape(S * T, de).index_select(0, token)
+    buf = x.new_zeros(E * S * C + 1, de).index_copy(0, row, x)[:-1].view(E, S * C, de)
     buf = (buf * experts.norm_weight[:, None] + experts.norm_bias[:, None]).to(u.dtype)
-    y = padded_expert_mlp(buf, experts.w1.to(u.dtype), experts.w2.to(u.dtype)).flatten(0, 1)
-    y = experts.drop(F.pad(y, (0, 0, 0, 1))[slot]) * (gates.t().reshape(-1) * keep)[:, None].to(y.dtype)
-    return torch.zeros_like(u).index_add_(0, token, y), (~keep).float().mean()
+    y = padded_expert_mlp(buf, experts.w1.to(u.dtype), experts.w2.to(u.dtype)).reshape(E * S * C, de)
+    y = experts.drop(F.pad(y, (0, 0, 0, 1)).index_select(0, row))  # a dropped assignment reads the zero row
+    y = y * (gates * keep).reshape(-1, 1).to(y.dtype)
+    return u.new_zeros(S * T, de).index_add_(0, token, y).view(S, T, de)
+
+def dispatch_capacity(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, start: int = 0,
+                      state: CapacityState | None = None):
+    "Static-shape causal dispatch of sequences `u` `[S, T, d_e]`: the gated sum `[S, T, d_e]` and the fraction of assignments dropped."
+    keep, slot, C = causal_capacity_plan(idx, experts.num_experts, experts.capacity_factor, start, state)
+    return capacity_mlp(experts, u, idx, gates, keep, slot, C), (~keep).float().mean()
 
 # %% ../nbs/12_experts.ipynb #03d50a2b
 DISPATCHES = {"loop": dispatch_loop, "grouped": dispatch_grouped, "capacity": dispatch_capacity}
@@ -131,11 +171,18 @@ class Experts(nn.Module):
         self.shared = SharedExpert(cfg) if cfg.shared_expert else None
         self.use_grouped_mm = None  # None: torch's grouped GEMM where supported; False forces the padded fallback
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto"):
-        "Mix the experts `idx` `[N, k]` with `gates` `[N, k]` for tokens `x` `[N, d]`: returns `[N, d]` and the dropped fraction."
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto", start: int = 0,
+                state: CapacityState | None = None):
+        "Mix experts `idx` `[..., T, k]` with `gates` for tokens `x` `[..., T, d]` at positions `start..`: `[..., T, d]`, dropped fraction."
         impl = resolve_moe_impl(impl, x.device)
         if impl not in DISPATCHES: raise ValueError(f"Experts: unknown impl {impl!r}; choose one of {('auto', *DISPATCHES)}")
         u = self.w_in(x)
-        mixed, dropped = DISPATCHES[impl](self, u, idx, gates)
+        T, de, k = u.shape[-2], u.shape[-1], idx.shape[-1]
+        if impl == "capacity":  # per-sequence causal queues
+            seqs = [t.reshape(-1, T, t.shape[-1]) for t in (u, idx, gates)]
+            mixed, dropped = dispatch_capacity(self, *seqs, start=start, state=state)
+        else:
+            mixed, dropped = DISPATCHES[impl](self, u.reshape(-1, de), idx.reshape(-1, k), gates.reshape(-1, k))
+        mixed = mixed.view_as(u)
         if self.shared is not None: mixed = mixed + self.shared(u)
         return self.w_out(mixed), dropped

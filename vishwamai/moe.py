@@ -52,11 +52,12 @@ class MoE(nn.Module):
         if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(r.logits).all():
             raise FloatingPointError(f"MoE {self.name}: router logits are not finite (NaN or inf); the input to this layer "
                              "or the router weights have diverged")
-        out, dropped = self.experts(tokens, r.experts, r.gates, self.impl)
+        seq_shape = (*x.shape[:-1], cfg.top_k)  # the experts see sequences: the capacity queues are per sequence
+        out, dropped = self.experts(x, r.experts.view(seq_shape), r.gates.view(seq_shape), self.impl)
         balance, z = switch_balance_loss(r.logits, r.experts), router_z_loss(r.logits)
         stats = dict(load=expert_load(r.experts, cfg.num_experts), dropped_fraction=dropped.detach(),
                      router_entropy=router_entropy(r.scores.detach()), balance_loss=balance.detach(), z_loss=z.detach())
-        return MoEOutput(out.view_as(x), cfg.aux_loss_weight * balance + cfg.z_loss_weight * z, stats)
+        return MoEOutput(out, cfg.aux_loss_weight * balance + cfg.z_loss_weight * z, stats)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor):
