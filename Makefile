@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[dev,tpu]"
+	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[dev,xla]"
 	touch $(STAMP)
 
 train: setup

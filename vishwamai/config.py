@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
 
 from fastcore.basics import patch
 
@@ -41,7 +43,7 @@ class VishwamaiConfig:
     # --- Multi-Level Attention ---
     attention: str = "multilevel"  # "multilevel", or "full" for plain causal attention (the dense baseline)
     num_levels: int = 3  # level i works at 1/2**i of the sequence length
-    level_windows: tuple = (64, 32, None)  # per level: a local causal window, counted at that level's resolution, or None for global
+    level_windows: tuple[int | None, ...] = (64, 32, None)  # per level: a local causal window, counted at that level's resolution, or None for global
     fusion: str = "adaptive"  # "adaptive" (input-dependent level weights per head) or "static" (learned constants per head)
     attn_impl: str = "auto"  # "reference" (plain PyTorch), "flex" (FlexAttention + SDPA on GPU), "xla" (static shapes), or "auto"
     # --- Mixture of Experts ---
@@ -89,19 +91,43 @@ def _need(ok: bool, field: str, msg: str):
 def _positive_int(cfg, *names):
     for n in names:
         v = getattr(cfg, n)
-        _need(isinstance(v, int) and not isinstance(v, bool) and v > 0, n, f"must be a positive integer, got {v!r}")
+        _need(v > 0, n, f"must be a positive integer, got {v!r}")
 
 def _choice(cfg, name, options):
     v = getattr(cfg, name)
     _need(v in options, name, f"must be one of {options}, got {v!r}")
 
+# %% ../nbs/00_config.ipynb #5b1f0c2e
+_FIELD_TYPES = get_type_hints(VishwamaiConfig)  # field name -> its annotation, e.g. int, float, tuple[int | None, ...]
+
+def _fits(value, hint) -> bool:
+    "Does `value` have the type `hint`? A bool is not an int, an int is a float, a float is finite."
+    if get_origin(hint) is tuple: return isinstance(value, tuple) and all(_fits(v, get_args(hint)[0]) for v in value)
+    if get_args(hint): return any(_fits(value, h) for h in get_args(hint))  # a union such as int | None
+    if hint is float: return _fits(value, int) or (isinstance(value, float) and math.isfinite(value))
+    if hint is int: return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)  # bool, str, None
+
+def _allowed(hint) -> str:
+    "What `hint` allows, in words."
+    if get_origin(hint) is tuple: return f"a tuple or list whose entries are each {_allowed(get_args(hint)[0])}"
+    if get_args(hint): return " or ".join(_allowed(h) for h in get_args(hint))
+    return {bool: "a bool (true or false)", int: "an integer", float: "a finite number", str: "a string",
+            type(None): "None"}[hint]
+
+def _check_types(cfg):
+    for name, hint in _FIELD_TYPES.items():
+        v = getattr(cfg, name)
+        _need(_fits(v, hint), name, f"must be {_allowed(hint)}, got {v!r} ({type(v).__name__})")
+
 # %% ../nbs/00_config.ipynb #e5795216
 @patch
 def validate(self: VishwamaiConfig):
-    "Raise a `ValueError` naming the first inconsistent field."
+    "Raise a `ValueError` naming the first field of the wrong type or inconsistent with the others."
+    _check_types(self)  # first, so that the rules below compare numbers with numbers
     _positive_int(self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_levels",
                   "num_experts", "top_k", "num_expert_groups", "top_groups", "expert_dim", "expert_hidden")
-    _need(isinstance(self.ffn_hidden, int) and self.ffn_hidden >= 0, "ffn_hidden", f"must be an integer >= 0, got {self.ffn_hidden!r}")
+    _need(self.ffn_hidden >= 0, "ffn_hidden", f"must be an integer >= 0, got {self.ffn_hidden!r}")
     _need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}")
     _choice(self, "pos_encoding", POS_ENCODINGS)
     _need(self.pos_encoding != "rope" or self.head_dim % 2 == 0, "pos_encoding",
@@ -113,10 +139,10 @@ def validate(self: VishwamaiConfig):
     _choice(self, "attention", ATTENTIONS)
     _choice(self, "fusion", FUSIONS)
     _choice(self, "attn_impl", ATTN_IMPLS)
-    _need(isinstance(self.level_windows, tuple) and len(self.level_windows) == self.num_levels, "level_windows",
+    _need(len(self.level_windows) == self.num_levels, "level_windows",
           f"needs one entry per level (num_levels={self.num_levels}), got {self.level_windows!r}")
     for i, w in enumerate(self.level_windows):
-        _need(w is None or (isinstance(w, int) and not isinstance(w, bool) and w > 0), "level_windows",
+        _need(w is None or w > 0, "level_windows",
               f"entry {i} must be a positive integer window or None (global), got {w!r}")
     _need(self.max_seq_len >= self.level_factors[-1], "num_levels",
           f"{self.num_levels} levels pool the sequence by {self.level_factors[-1]}, "
