@@ -1,4 +1,5 @@
 "Balancing losses: the source document's loss has exactly zero router gradient; the others reach the router."
+import pytest
 import torch
 
 from vishwamai.balance import (assignment_mask, balance_bias_step, document_balance_loss, expert_load, load_cv,
@@ -14,7 +15,9 @@ def _routed(seed=0):
     return router, x, router(x)
 
 
+@pytest.mark.exact
 def test_document_loss_has_zero_router_gradient():
+    "Exact: the document's loss has no differentiable path to the router, so it adds an exact zero to every gradient."
     router, x, r = _routed()
     doc = document_balance_loss(r.scores.view(4, 16, 8), assignment_mask(r.experts, 8).view(4, 16, 8), 8)
     assert doc > 0

@@ -59,8 +59,8 @@ class ExpertParallelExperts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto"):
         "Same contract as `Experts.forward` (`impl` is ignored: the exchange is always dropless)."
         from torch.distributed.nn.functional import all_to_all_single
-        u = self.w_in(x)
-        N, k = idx.shape
+        lead, k = x.shape[:-1], idx.shape[-1]
+        u, idx, gates = self.w_in(x).reshape(-1, self.w_in.out_features), idx.reshape(-1, k), gates.reshape(-1, k)
         expert, order = torch.sort(idx.reshape(-1), stable=True)
         token = order // k
         rows = F.layer_norm(u, u.shape[-1:]).index_select(0, token)
@@ -72,7 +72,8 @@ class ExpertParallelExperts(nn.Module):
         got_expert = expert.new_empty(sum(recv_n))
         dist.all_to_all_single(got_expert, expert % self.local, recv_n, send_n, group=self.group)
         local, perm = torch.sort(got_expert, stable=True)
-        h = (got[perm] * self.norm_weight[local] + self.norm_bias[local]).to(u.dtype)
+        h = got.index_select(0, perm) * self.norm_weight.index_select(0, local) + self.norm_bias.index_select(0, local)
+        h = h.to(u.dtype)
         counts = torch.zeros(self.local, dtype=torch.long, device=u.device).scatter_add_(0, local, torch.ones_like(local))
         y = sorted_expert_mlp(h, self.w1.to(u.dtype), self.w2.to(u.dtype), counts, local)
         y = y.new_zeros(y.shape).index_copy(0, perm, y)  # back to arrival order
@@ -80,7 +81,7 @@ class ExpertParallelExperts(nn.Module):
         back = self.drop(back) * gates.reshape(-1).index_select(0, order)[:, None].to(back.dtype)
         mixed = torch.zeros_like(u).index_add_(0, token, back)
         if self.shared is not None: mixed = mixed + self.shared(u)
-        return self.w_out(mixed), u.new_zeros(())
+        return self.w_out(mixed).view(*lead, -1), u.new_zeros(())
 
 # %% ../nbs/41_distributed.ipynb #6578da01
 def _expert_params(model: nn.Module) -> list[str]:
