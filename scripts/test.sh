@@ -35,6 +35,9 @@ step "pytest -m exact again on another CPU kernel path: one thread, no SIMD disp
 # user's machine with another CPU.
 OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default $BIN/pytest -q -m exact -p no:cacheprovider
 
+step "the prepared GPU check runs, at smoke size on the CPU"
+$BIN/python scripts/gpu_check.py --smoke --out "$(mktemp -d)/gpu-check"
+
 step "the wheel installs and runs without the dev extras"
 repo=$(pwd)
 work=$(mktemp -d)
