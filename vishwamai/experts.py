@@ -13,9 +13,9 @@ from torch import nn
 from .config import VishwamaiConfig
 
 # %% auto #0
-__all__ = ['DISPATCHES', 'expert_mlp', 'SharedExpert', 'dispatch_loop', 'grouped_mm_supported', 'padded_expert_mlp',
-           'sorted_expert_mlp', 'dispatch_grouped', 'capacity_budget', 'running_max', 'CapacityState',
-           'causal_capacity_plan', 'capacity_mlp', 'dispatch_capacity', 'resolve_moe_impl', 'Experts']
+__all__ = ['DISPATCHES', 'expert_mlp', 'SharedExpert', 'dispatch_loop', 'fast_grouped_mm_gpu', 'grouped_mm_supported',
+           'padded_expert_mlp', 'sorted_expert_mlp', 'dispatch_grouped', 'capacity_budget', 'running_max',
+           'CapacityState', 'causal_capacity_plan', 'capacity_mlp', 'dispatch_capacity', 'resolve_moe_impl', 'Experts']
 
 # %% ../nbs/12_experts.ipynb #97d40177
 def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -47,11 +47,15 @@ def dispatch_loop(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates:
 # %% ../nbs/12_experts.ipynb #04a578df
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
+def fast_grouped_mm_gpu(capability: tuple) -> bool:
+    "Whether torch's CUDA grouped GEMM has its fast kernel on a GPU of this compute capability: Hopper and Blackwell datacenter parts only."
+    return capability[0] in (9, 10)  # elsewhere (sm_8x, sm_12x) torch loops over groups and reads the offsets back to the host
+
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     "Whether torch's grouped GEMM can multiply rows `x` with stacked weights `w` here (device, dtype, alignment)."
     if _GROUPED_MM is None or x.dtype != w.dtype: return False
     if any(s * x.element_size() % 16 for s in w.shape[1:]): return False  # rows must be 16-byte aligned
-    if x.device.type == "cuda": return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if x.device.type == "cuda": return x.dtype == torch.bfloat16 and fast_grouped_mm_gpu(torch.cuda.get_device_capability(x.device))
     # CPU runs fp32 and bf16 eagerly; torch.compile's shape function accepts bf16 only
     return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling()))
 

@@ -13,7 +13,7 @@ from torch import nn
 from .config import VishwamaiConfig
 from .router import Router
 from .balance import expert_load, switch_balance_loss, router_z_loss, balance_bias_step
-from .experts import Experts
+from .experts import CapacityState, Experts
 
 # %% auto #0
 __all__ = ['router_entropy', 'MoEOutput', 'MoE', 'moe_param_count', 'moe_training_bytes', 'moe_active_flops', 'DenseFFN',
@@ -42,7 +42,8 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.experts = Experts(cfg)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, start: int = 0, state: CapacityState | None = None) -> MoEOutput:
+        "Route tokens `x` `[..., T, d]` at positions `start..` (capacity dispatch: `state` carries each sequence's queues when decoding)."
         cfg = self.cfg
         if not torch.is_floating_point(x): raise TypeError(f"MoE {self.name}: input must be a floating-point tensor, got {x.dtype}")
         if x.dim() < 2 or x.shape[-1] != cfg.d_model:
@@ -53,7 +54,7 @@ class MoE(nn.Module):
             raise FloatingPointError(f"MoE {self.name}: router logits are not finite (NaN or inf); the input to this layer "
                              "or the router weights have diverged")
         seq_shape = (*x.shape[:-1], cfg.top_k)  # the experts see sequences: the capacity queues are per sequence
-        out, dropped = self.experts(x, r.experts.view(seq_shape), r.gates.view(seq_shape), self.impl)
+        out, dropped = self.experts(x, r.experts.view(seq_shape), r.gates.view(seq_shape), self.impl, start, state)
         balance, z = switch_balance_loss(r.logits, r.experts), router_z_loss(r.logits)
         stats = dict(load=expert_load(r.experts, cfg.num_experts), dropped_fraction=dropped.detach(),
                      router_entropy=router_entropy(r.scores.detach()), balance_loss=balance.detach(), z_loss=z.detach())
