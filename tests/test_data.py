@@ -318,7 +318,8 @@ def test_stdlib_families_do_not_straddle(stdlib_docs):
 
 
 def test_one_file_splits_by_position_at_a_line(tmp_path):
-    text = "".join(f"line {i}: {'x' * (i % 13)}\n" for i in range(300))
+    text = "".join(f"line {i}: {'x' * (i % 13)}\n" for i in range(301))
+    assert text[round(0.9 * len(text)) - 1] != "\n"  # the 90% point falls inside a line
     (tmp_path / "notes.txt").write_text(text)
     data = prepare_data(str(tmp_path / "notes.txt"), seq_len=16, tokenizer="byte", val_fraction=0.1,
                         cache_dir=str(tmp_path / "cache"))
