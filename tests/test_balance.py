@@ -64,3 +64,13 @@ def test_load_and_bias_step():
     balance_bias_step(bias, load, 0.5)
     torch.testing.assert_close(bias, torch.tensor([-0.5, -0.5, 0.5, 0.5, 0.5]))  # mean load 1.2
     assert not bias.requires_grad
+
+
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (16, 4), (6, 3)])
+def test_cv_ceiling_for_top_k(E, k):
+    "All load on k experts is the most uneven top-k routing: CV = sqrt(E/k - 1); random routings stay below it."
+    ceiling = (E / k - 1) ** 0.5
+    torch.testing.assert_close(load_cv(expert_load(torch.arange(k).repeat(50, 1), E)), torch.tensor(ceiling))
+    torch.manual_seed(E * k)
+    picks = torch.rand(64, E).topk(k, dim=-1).indices  # k distinct experts per token
+    assert load_cv(expert_load(picks, E)) < ceiling
