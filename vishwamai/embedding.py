@@ -24,6 +24,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0)
     return angles.cos(), angles.sin()
 
 def _rotate_half(x):
+    "Turn every pair (x_i, x_{i+D/2}) a quarter turn, to (-x_{i+D/2}, x_i)."
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
@@ -33,6 +34,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     xf = x.to(dtype)
     return (xf * cos.to(dtype) + _rotate_half(xf) * sin.to(dtype)).to(x.dtype)
 
+# %% ../nbs/20_embedding.ipynb #becbaf38
 class RotaryEmbedding(nn.Module):
     "Rotary position embedding for heads of width `head_dim`: `rope(q, k, positions)` rotates both."
     def __init__(self, head_dim: int, theta: float = 10000.0):
