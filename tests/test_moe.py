@@ -6,7 +6,8 @@ import torch
 
 from vishwamai.config import VishwamaiConfig, param_counts
 from vishwamai.experts import Experts, expert_capacity, grouped_mm_supported
-from vishwamai.moe import MoE, bench_moe
+from vishwamai.bench import bench_moe
+from vishwamai.moe import MoE
 
 
 def _grads(module, x, impl):
