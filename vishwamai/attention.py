@@ -9,6 +9,7 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -44,14 +45,14 @@ def blocked_local_attention(q, k, v, window: int, dropout_p: float = 0.0) -> tor
     n, D = q.shape[-2:]
     c = window
     m = -(-n // c)
-    def chunks(t): return F.pad(t, (0, 0, 0, m * c - n)).unflatten(-2, (m, c))  # [B, H, m, c, D]
+    def chunks(t): return rearrange(F.pad(t, (0, 0, 0, m * c - n)), "... (m c) d -> ... m c d", c=c)
     def with_previous(t): return torch.cat([F.pad(t, (0, 0, 0, 0, 1, 0))[..., :-1, :, :], t], dim=-2)  # [B, H, m, 2c, D]
     qc, kk, vv = chunks(q), with_previous(chunks(k)), with_previous(chunks(v))
     scores = qc @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, m, c, 2c]
     scores = scores.masked_fill(~_chunk_mask(c, window, m, q.device), float("-inf"))
     probs = scores.softmax(dim=-1)
     if dropout_p > 0: probs = F.dropout(probs, dropout_p)
-    return (probs @ vv).flatten(-3, -2)[..., :n, :]
+    return rearrange(probs @ vv, "... m c d -> ... (m c) d")[..., :n, :]
 
 # %% ../nbs/23_attention.ipynb #790ee0d5
 def _on_tpu(t: torch.Tensor) -> bool:
@@ -183,8 +184,7 @@ class MultiLevelAttention(nn.Module):
         "Attend over `x` `[B, T, d_model]`; with a `cache`, `x` continues the positions the cache holds (see the cache chapter)."
         start = 0 if cache is None else cache.length
         self._check(x, start)
-        B, T, d = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (rearrange(p(x), "b t (h e) -> b h t e", h=self.n_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         weights = self.fusion(x) if self.fusion is not None else None
         if start == 0:
             dropout_p = self.cfg.dropout if self.training else 0.0
@@ -192,4 +192,4 @@ class MultiLevelAttention(nn.Module):
             out = multilevel_attention(q, k, v, self.factors, self.windows, weights, impl, self.rope, dropout_p)
             if cache is not None: cache.prefill(q, k, v, self.rope)
         else: out = cache.extend(q, k, v, weights, self.rope)
-        return AttentionOutput(self.o_proj(out.transpose(1, 2).reshape(B, T, d)), weights)
+        return AttentionOutput(self.o_proj(rearrange(out, "b h t e -> b t (h e)")), weights)
