@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vishwamai.attention import (MultiLevelAttention, bench_attention, multilevel_attention, resolve_attn_impl,
-                                 sliding_window_block_mask)
+from vishwamai.attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl, sliding_window_block_mask
+from vishwamai.bench import bench_attention
 from vishwamai.config import VishwamaiConfig, param_counts
 from vishwamai.levels import level_attention
 

@@ -28,7 +28,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # files a local folder contribut
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 def stdlib_files(max_files: int | None = None) -> list[Path]:
-    "The standard library's `.py` files in sorted order, without test folders or installed packages; `max_files` keeps an evenly spread subset."
+    "The standard library's `.py` files, sorted, without tests or installed packages; `max_files` keeps an evenly spread subset."
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted((f for f in root.rglob("*.py") if not _SKIP_DIRS.intersection(f.relative_to(root).parts[:-1])),
                    key=lambda f: f.relative_to(root).as_posix())
@@ -91,7 +91,9 @@ def load_corpus(source: str = "stdlib", *, split: str = "train", config_name: st
     keep, seen = [], set()
     for i, t in enumerate(ds["text"]):
         digest = hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest()
-        if t.strip() and digest not in seen: keep.append(i); seen.add(digest)  # drop blank and repeated documents
+        if t.strip() and digest not in seen:  # drop blank and repeated documents
+            keep.append(i)
+            seen.add(digest)
     if not keep: raise ValueError(f"corpus {source!r} is empty: none of its {len(ds)} document(s) holds any text")
     return ds if len(keep) == len(ds) else ds.select(keep)
 
@@ -160,7 +162,7 @@ def _split_by_position(ds, val_fraction: float):
     if not text[:cut].strip() or not text[cut:].strip():
         raise ValueError(f"the corpus is one document of {len(text)} characters, too short to split into training and "
                          f"validation text; use a longer text, or a folder of several files")
-    part = lambda t: Dataset.from_dict({**{k: [v] for k, v in row.items()}, "text": [t]}, features=ds.features)
+    def part(t): return Dataset.from_dict({**{k: [v] for k, v in row.items()}, "text": [t]}, features=ds.features)
     return part(text[:cut]), part(text[cut:])
 
 # %% ../nbs/30_data.ipynb #4de306aa
@@ -179,7 +181,9 @@ class ByteTokenizer:
         parts, buf = [], bytearray()
         for i in ids:
             i = int(i)
-            if i == self.eot_id: parts += [buf.decode("utf-8", errors="replace"), EOT]; buf = bytearray()
+            if i == self.eot_id:
+                parts += [buf.decode("utf-8", errors="replace"), EOT]
+                buf = bytearray()
             elif 0 <= i < 256: buf.append(i)
             else: raise ValueError(f"id {i} is outside the byte tokenizer's vocabulary [0, {self.vocab_size})")
         return "".join(parts) + buf.decode("utf-8", errors="replace")
@@ -216,7 +220,8 @@ class BPETokenizer:
             kept, n = [], 0
             for t in texts:
                 if n >= max_train_bytes: break
-                kept.append(t); n += len(t.encode("utf-8"))
+                kept.append(t)
+                n += len(t.encode("utf-8"))
             texts = kept
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # no invented leading space: exact round trips
@@ -352,10 +357,13 @@ class PackedBlocks(Dataset):
 # %% ../nbs/30_data.ipynb #384cf86a
 def make_loaders(train: Dataset, val: Dataset, batch_size: int, *, seed: int = 0, drop_last: bool = True,
                  num_replicas: int = 1, rank: int = 0, num_workers: int = 0):
-    "Training and validation `DataLoader`s over replica `rank` of `num_replicas`; call `train_loader.sampler.set_epoch(epoch)` each epoch."
-    if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(num_replicas, int) or num_replicas < 1: raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}")
-    if not isinstance(rank, int) or not 0 <= rank < num_replicas: raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank!r}")
+    "Training and validation `DataLoader`s over replica `rank` of `num_replicas`; call `sampler.set_epoch(epoch)` each epoch."
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}")
+    if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank!r}")
     train_sampler = DistributedSampler(train, num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
     val_sampler = DistributedSampler(val, num_replicas, rank, shuffle=False)
     if drop_last and len(train_sampler) < batch_size:
@@ -393,7 +401,8 @@ def _first_bytes(docs, max_bytes: int | None) -> list[str]:
     texts, n = [], 0
     for row in docs:
         if max_bytes is not None and n >= max_bytes: break
-        texts.append(row["text"]); n += len(row["text"].encode("utf-8"))
+        texts.append(row["text"])
+        n += len(row["text"].encode("utf-8"))
     return texts
 
 def prepare_data(source: str = "stdlib", *, seq_len: int = 256, tokenizer="bpe", vocab_size: int = 4096,

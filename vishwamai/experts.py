@@ -48,16 +48,18 @@ def dispatch_loop(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates:
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 def fast_grouped_mm_gpu(capability: tuple) -> bool:
-    "Whether torch's CUDA grouped GEMM has its fast kernel on a GPU of this compute capability: Hopper and Blackwell datacenter parts only."
+    "Whether torch's CUDA grouped GEMM has its fast kernel on a GPU of this compute capability (Hopper, Blackwell datacenter)."
     return capability[0] in (9, 10)  # elsewhere (sm_8x, sm_12x) torch loops over groups and reads the offsets back to the host
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     "Whether torch's grouped GEMM can multiply rows `x` with stacked weights `w` here (device, dtype, alignment)."
     if _GROUPED_MM is None or x.dtype != w.dtype: return False
     if any(s * x.element_size() % 16 for s in w.shape[1:]): return False  # rows must be 16-byte aligned
-    if x.device.type == "cuda": return x.dtype == torch.bfloat16 and fast_grouped_mm_gpu(torch.cuda.get_device_capability(x.device))
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and fast_grouped_mm_gpu(torch.cuda.get_device_capability(x.device))
     # CPU runs fp32 and bf16 eagerly; torch.compile's shape function accepts bf16 only
-    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling()))
+    fp32_eager = x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or fp32_eager)
 
 def padded_expert_mlp(buf: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     "All experts at once on a padded buffer `[E, C, d_e]`: two batched matmuls."
@@ -81,7 +83,8 @@ def dispatch_grouped(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gat
     N, k = idx.shape
     row_expert, order = torch.sort(idx.reshape(-1), stable=True)  # the one sort
     token = order // k
-    counts = torch.zeros(experts.num_experts, dtype=torch.long, device=u.device).scatter_add_(0, row_expert, torch.ones_like(row_expert))
+    counts = torch.zeros(experts.num_experts, dtype=torch.long, device=u.device)
+    counts.scatter_add_(0, row_expert, torch.ones_like(row_expert))
     # normalize once per token, then each row's expert scale and shift; cast back because autocast runs layer_norm in fp32
     x = F.layer_norm(u, u.shape[-1:]).index_select(0, token)
     x = (x * experts.norm_weight.index_select(0, row_expert) + experts.norm_bias.index_select(0, row_expert)).to(u.dtype)
@@ -91,7 +94,7 @@ def dispatch_grouped(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gat
 
 # %% ../nbs/12_experts.ipynb #24f66064
 def capacity_budget(tokens, top_k: int, num_experts: int, capacity_factor: float):
-    "Slots an expert may have filled after a sequence's first `tokens` tokens: ceil(capacity_factor * top_k * tokens / num_experts), exact in integers."
+    "Slots an expert may fill in the first `tokens` tokens of a sequence: ceil(capacity_factor * top_k * tokens / E), exactly."
     f = Fraction(capacity_factor).limit_denominator(1 << 16)
     p, q = f.numerator * top_k, f.denominator * num_experts
     return (tokens * p + q - 1) // q
@@ -106,7 +109,7 @@ def running_max(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 @dataclass
 class CapacityState:
-    "The causal queues of each sequence so far, carried between calls when decoding: per sequence and expert, assignments routed and dropped."
+    "Each sequence's causal queues, carried between decoding calls: per sequence and expert, assignments routed and dropped."
     routed: torch.Tensor  # [S, E] A_e
     dropped: torch.Tensor  # [S, E] D_e
 
@@ -130,7 +133,7 @@ def causal_capacity_plan(idx: torch.Tensor, num_experts: int, capacity_factor: f
 # %% ../nbs/12_experts.ipynb #ce102c7c
 def capacity_mlp(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor,
                  slot: torch.Tensor, C: int) -> torch.Tensor:
-    "Expert MLPs of sequences `u` `[S, T, d_e]` through fixed buffers `[E, S*C, d_e]`: assignment `idx` goes to row `slot` if `keep`."
+    "Expert MLPs of sequences `u` `[S, T, d_e]` in fixed buffers `[E, S*C, d_e]`: assignment `idx` goes to row `slot` if `keep`."
     S, T, k = idx.shape
     E, de = experts.num_experts, u.shape[-1]
     seq = torch.arange(S, device=u.device)[:, None, None]
@@ -146,7 +149,7 @@ def capacity_mlp(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: 
 
 def dispatch_capacity(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, start: int = 0,
                       state: CapacityState | None = None):
-    "Static-shape causal dispatch of sequences `u` `[S, T, d_e]`: the gated sum `[S, T, d_e]` and the fraction of assignments dropped."
+    "Static-shape causal dispatch of sequences `u` `[S, T, d_e]`: the gated sum `[S, T, d_e]` and the fraction dropped."
     keep, slot, C = causal_capacity_plan(idx, experts.num_experts, experts.capacity_factor, start, state)
     return capacity_mlp(experts, u, idx, gates, keep, slot, C), (~keep).float().mean()
 
@@ -177,7 +180,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto", start: int = 0,
                 state: CapacityState | None = None):
-        "Mix experts `idx` `[..., T, k]` with `gates` for tokens `x` `[..., T, d]` at positions `start..`: `[..., T, d]`, dropped fraction."
+        "Mix experts `idx` `[..., T, k]` by `gates` for `x` `[..., T, d]` at positions `start..`: output, fraction dropped."
         impl = resolve_moe_impl(impl, x.device)
         if impl not in DISPATCHES: raise ValueError(f"Experts: unknown impl {impl!r}; choose one of {('auto', *DISPATCHES)}")
         u = self.w_in(x)

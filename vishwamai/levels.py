@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import reduce
 import torch.nn.functional as F
 
 # %% auto #0
@@ -23,7 +24,7 @@ def naive_downsample(x: torch.Tensor, r: int) -> torch.Tensor:
     "Mean of each block of `r` positions `[jr, jr + r)` of `x` `[..., T, D]`: **not causal**, kept to show the leak."
     T = x.shape[-2]
     n = _num_blocks(T, r)
-    blocks = F.pad(x, (0, 0, 0, n * r - T)).unflatten(-2, (n, r)).sum(-2)
+    blocks = reduce(F.pad(x, (0, 0, 0, n * r - T)), "... (n r) d -> ... n d", "sum", r=r)
     counts = torch.full((n, 1), float(r), dtype=x.dtype, device=x.device)
     counts[-1] = T - (n - 1) * r  # the last block may be short
     return blocks / counts
@@ -59,7 +60,7 @@ def causal_downsample(x: torch.Tensor, r: int) -> torch.Tensor:
     shifted = F.pad(x, (0, 0, r - 1, 0))[..., : n * r, :]
     counts = torch.full((n, 1), float(r), dtype=x.dtype, device=x.device)
     counts[0] = 1  # block 0 holds only position 0
-    return shifted.unflatten(-2, (n, r)).sum(-2) / counts
+    return reduce(shifted, "... (n r) d -> ... n d", "sum", r=r) / counts
 
 def level_positions(T: int, r: int, device=None) -> torch.Tensor:
     "The position each pooled token of a length-`T` sequence stands for: its newest input, `j * r`."
