@@ -58,8 +58,9 @@ class ExpertParallelExperts(nn.Module):
         self.w1 = nn.Parameter(experts.w1.detach()[sl].clone())
         self.w2 = nn.Parameter(experts.w2.detach()[sl].clone())
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto"):
-        "Same contract as `Experts.forward` (`impl` is ignored: the exchange is always dropless)."
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto", start: int = 0,
+                state=None):
+        "Same contract as `Experts.forward` (`impl`, `start`, `state` are ignored: the exchange is always dropless)."
         from torch.distributed.nn.functional import all_to_all_single
         lead, k = x.shape[:-1], idx.shape[-1]
         u, idx, gates = self.w_in(x).reshape(-1, self.w_in.out_features), idx.reshape(-1, k), gates.reshape(-1, k)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VishwamaiConfig
+from .device import is_cpu, is_cuda, is_xla
 
 # %% auto #0
 __all__ = ['DISPATCHES', 'expert_mlp', 'SharedExpert', 'dispatch_loop', 'fast_grouped_mm_gpu', 'grouped_mm_supported',
@@ -55,11 +56,11 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     "Whether torch's grouped GEMM can multiply rows `x` with stacked weights `w` here (device, dtype, alignment)."
     if _GROUPED_MM is None or x.dtype != w.dtype: return False
     if any(s * x.element_size() % 16 for s in w.shape[1:]): return False  # rows must be 16-byte aligned
-    if x.device.type == "cuda":
+    if is_cuda(x):
         return x.dtype == torch.bfloat16 and fast_grouped_mm_gpu(torch.cuda.get_device_capability(x.device))
     # CPU runs fp32 and bf16 eagerly; torch.compile's shape function accepts bf16 only
     fp32_eager = x.dtype == torch.float32 and not torch.compiler.is_compiling()
-    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or fp32_eager)
+    return is_cpu(x) and (x.dtype == torch.bfloat16 or fp32_eager)
 
 def padded_expert_mlp(buf: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     "All experts at once on a padded buffer `[E, C, d_e]`: two batched matmuls."
@@ -159,7 +160,7 @@ DISPATCHES = {"loop": dispatch_loop, "grouped": dispatch_grouped, "capacity": di
 def resolve_moe_impl(impl: str, device) -> str:
     "The dispatch `impl` means on `device`: 'auto' becomes 'capacity' on XLA and 'grouped' elsewhere."
     if impl != "auto": return impl
-    return "capacity" if torch.device(device).type == "xla" else "grouped"
+    return "capacity" if is_xla(device) else "grouped"
 
 class Experts(nn.Module):
     "Routed experts with shared input/output projections, per-expert LayerNorm and dropout, stacked `[E, in, out]` weights."
