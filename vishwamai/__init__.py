@@ -6,7 +6,8 @@ from .moe import MoE
 from .attention import MultiLevelAttention
 from .model import Vishwamai, VishwamaiOutput, dense_baseline
 from .checkpoint import load_checkpoint
+from .hub import save_tokenizer  # importing hub gives Vishwamai save_pretrained, from_pretrained and push_to_hub
 from .train import TrainConfig, train
 
 __all__ = ["VishwamaiConfig", "param_counts", "MoE", "MultiLevelAttention", "Vishwamai", "VishwamaiOutput", "dense_baseline",
-           "load_checkpoint", "TrainConfig", "train"]
+           "load_checkpoint", "save_tokenizer", "TrainConfig", "train"]
