@@ -220,8 +220,8 @@ def test_each_padded_prompt_generates_as_it_would_alone_float64(name):
     for b, p in enumerate(prompts):
         alone = model.generate(p[None], 10, temperature=0, output_logits=True)
         assert torch.equal(got.sequences[b, ids.shape[1]:], alone.sequences[0, len(p):])
-        # float64 everywhere except the router's float32 logits, which round by the number of rows in the call (~1e-8)
-        assert (got.logits[b] - alone.logits[0]).abs().max() < 1e-7, (b, (got.logits[b] - alone.logits[0]).abs().max())
+        # float64: a matrix product rounds a row by the number of rows in the call (~1e-16 here); 1e-12 is far above that
+        assert (got.logits[b] - alone.logits[0]).abs().max() < 1e-12, (b, (got.logits[b] - alone.logits[0]).abs().max())
     # the padding never reaches the model: other pad ids and more padding change no bit
     ids2, mask2 = _left_pad(prompts, pad_value=CFG.vocab_size - 1, extra=3)
     again = model.generate(ids2, 10, temperature=0, attention_mask=mask2, output_logits=True)
@@ -303,8 +303,8 @@ def test_cached_decoding_with_capacity_drops_the_same_assignments_float64(monkey
         plans.clear()
         cache = model.new_cache()
         with torch.no_grad(): got = torch.cat([model(ids[:, a:b], cache=cache).logits for a, b in chunks], 1)
-        # float64, but the router's float32 logits round by the number of rows in a call (~1e-8)
-        assert (got - whole.logits).abs().max() < 1e-7, (got - whole.logits).abs().max()
+        # float64: a matrix product rounds a row by the number of rows in the call (~1e-16 here); 1e-12 is far above that
+        assert (got - whole.logits).abs().max() < 1e-12, (got - whole.logits).abs().max()
         for layer in range(CFG.n_layers):
             keep = torch.cat(plans[layer::CFG.n_layers], 1)
             assert torch.equal(keep, want_keep[layer])
@@ -350,10 +350,10 @@ want = model.generate(prompt, 40, temperature=0)
 sampled = model.generate(prompt, 10, top_p=0.9, generator=torch.Generator().manual_seed(1))
 model.to(dev)
 out = {"compiles": []}
-for n in (16, 40):
+for n in (16, 40, 40):
     got = model.generate(prompt.to(dev), n, temperature=0)
-    out["compiles"].append(compile_count())
     out[f"greedy_{n}"] = torch.equal(got.cpu(), want[:, : 5 + n])
+    out["compiles"].append(compile_count())
 s = model.generate(prompt.to(dev), 10, top_p=0.9, generator=torch.Generator().manual_seed(1))
 out["sampled"] = torch.equal(s.cpu(), sampled)
 print(json.dumps(out))
@@ -366,6 +366,8 @@ def test_generation_on_xla_compiles_nothing_new_after_warm_up():
     if importlib.util.find_spec("torch_xla") is None: pytest.skip("torch_xla is not installed")
     from vishwamai.sharding import run_on_xla_cpu
     out = json.loads(run_on_xla_cpu(_XLA_GENERATE, num_devices=1).strip().splitlines()[-1])
-    print("XLA compiles after 16 and 40 new tokens:", out["compiles"])
+    print("XLA compiles after generating 16, 40 and again 40 new tokens:", out["compiles"])
     assert out["greedy_16"] and out["greedy_40"] and out["sampled"]  # equal to the CPU, a host generator on XLA
-    assert out["compiles"][1] == out["compiles"][0]  # 24 more tokens, no new graph
+    # 24 more tokens: one new graph at most, the output's assembly (its shape [B, T + n] is new), none per token
+    assert out["compiles"][1] - out["compiles"][0] <= 1
+    assert out["compiles"][2] == out["compiles"][1]  # the same length again: nothing new at all

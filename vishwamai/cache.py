@@ -40,7 +40,8 @@ class LevelCache:
         "Slots the buffer needs for `need` entries: the window (a ring), all of `max_entries` on XLA, else by doubling."
         if self.ring: return self.window
         if is_xla(like): return self.max_entries  # one shape for the whole decode: XLA compiles each shape anew
-        return min(self.max_entries, max(need, 2 * (0 if self.keys is None else self.keys.shape[-2])))
+        have = 0 if self.keys is None else self.keys.shape[-2]
+        return have if need <= have else min(self.max_entries, max(need, 2 * have))
 
     def _append(self, k: torch.Tensor, v: torch.Tensor):
         "Store pooled, rotated keys and values `[B, H, m, D]` as entries `count .. count + m - 1` (entry e in slot e % size)."
