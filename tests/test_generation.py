@@ -279,7 +279,7 @@ def test_bad_generation_arguments_are_refused():
             model.generate(ids, 3, **kwargs)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(ids, -1)
-    assert torch.equal(model.generate(ids, 0), ids)
+    assert torch.equal(model.generate(ids, 0), ids) and model.generate(ids, 0, output_logits=True).logits.shape == (2, 0, 128)
 
 
 # --- causal capacity in cached decoding ----------------------------------------------------------------------------

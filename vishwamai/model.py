@@ -236,7 +236,7 @@ def generate(model: Vishwamai, input_ids: torch.Tensor, max_new_tokens: int, tem
     pad = eos[0] if pad_token_id is None and eos else pad_token_id or 0
     if not 0 <= pad < model.cfg.vocab_size: raise ValueError(f"pad_token_id must lie in [0, {model.cfg.vocab_size}), got {pad}")
     if max_new_tokens == 0:
-        return GenerateOutput(input_ids, input_ids.new_zeros(0)) if output_logits else input_ids
+        return GenerateOutput(input_ids, torch.zeros(len(input_ids), 0, model.cfg.vocab_size)) if output_logits else input_ids
     was_training, dev = model.training, input_ids.device
     model.eval()
     try:  # on accelerators, a check that reads a value back would stall every step
