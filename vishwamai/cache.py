@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from .device import is_xla
+from .experts import CapacityState
 from .fusion import fuse_levels
 from .levels import pool_level
 
@@ -34,30 +36,35 @@ class LevelCache:
         "Whether the keys live in a fixed ring (a windowed level) rather than a growing buffer."
         return self.window is not None and self.window < self.max_entries
 
+    def _size(self, need: int, like: torch.Tensor) -> int:
+        "Slots the buffer needs for `need` entries: the window (a ring), all of `max_entries` on XLA, else by doubling."
+        if self.ring: return self.window
+        if is_xla(like): return self.max_entries  # one shape for the whole decode: XLA compiles each shape anew
+        have = 0 if self.keys is None else self.keys.shape[-2]
+        return have if need <= have else min(self.max_entries, max(need, 2 * have))
+
     def _append(self, k: torch.Tensor, v: torch.Tensor):
-        "Store pooled, rotated keys and values `[B, H, m, D]` as entries `count .. count + m - 1`."
-        m = k.shape[-2]
-        if self.ring:
-            if self.keys is None: self.keys, self.values = (t.new_zeros(*t.shape[:2], self.window, t.shape[-1]) for t in (k, v))
-            keep = min(m, self.window)  # older entries would be evicted at once
-            slots = torch.arange(self.count + m - keep, self.count + m, device=k.device) % self.window
-            self.keys[:, :, slots], self.values[:, :, slots] = k[:, :, m - keep:], v[:, :, m - keep:]
-        else:
-            need = self.count + m
-            if self.keys is None or need > self.keys.shape[-2]:  # grow by doubling
-                capacity = min(self.max_entries, max(need, 2 * (0 if self.keys is None else self.keys.shape[-2])))
-                grown = [t.new_zeros(*t.shape[:2], capacity, t.shape[-1]) for t in (k, v)]
-                if self.keys is not None:
-                    for new, old in zip(grown, (self.keys, self.values)): new[:, :, : self.count] = old[:, :, : self.count]
-                self.keys, self.values = grown
-            self.keys[:, :, self.count: need], self.values[:, :, self.count: need] = k, v
-        self.count += m
+        "Store pooled, rotated keys and values `[B, H, m, D]` as entries `count .. count + m - 1` (entry e in slot e % size)."
+        m, need = k.shape[-2], self.count + k.shape[-2]
+        size = self._size(need, k)
+        if self.keys is None or size > self.keys.shape[-2]:
+            grown = [t.new_zeros(*t.shape[:2], size, t.shape[-1]) for t in (k, v)]
+            if self.keys is not None:
+                for new, old in zip(grown, (self.keys, self.values)): new[:, :, : self.count] = old[:, :, : self.count]
+            self.keys, self.values = grown
+        keep = min(m, size)  # in a ring, older new entries would be evicted at once
+        slots = (torch.arange(need - keep, need) % size).to(k.device)  # made on the host: data, not part of the graph
+        self.keys[:, :, slots], self.values[:, :, slots] = k[:, :, m - keep:], v[:, :, m - keep:]
+        self.count = need
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         "One pooled query `[B, H, 1, D]` against every key the level still holds (all of them visible)."
-        n = min(self.count, self.keys.shape[-2])
-        scores = q @ self.keys[:, :, :n].transpose(-1, -2) / math.sqrt(q.shape[-1])
-        return scores.softmax(dim=-1) @ self.values[:, :, :n]
+        n, size = min(self.count, self.keys.shape[-2]), self.keys.shape[-2]
+        keys, values = (self.keys, self.values) if is_xla(q) else (self.keys[:, :, :n], self.values[:, :, :n])
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if keys.shape[-2] > n:  # XLA: the whole fixed buffer, its unwritten slots masked out
+            scores = scores.masked_fill((torch.arange(size) >= n).to(q.device), float("-inf"))
+        return scores.softmax(dim=-1) @ values
 
     def prefill(self, q, k, v, rope=None):
         "Fill an empty cache from the projections `[B, H, T, D]` of a prompt, as the full forward pass pools them."
@@ -82,7 +89,7 @@ class LevelCache:
             # a block completes at t: the waiting r - 1 positions and t, summed as causal_downsample sums them
             q, k, v = (torch.cat([p, x], dim=-2).sum(-2, keepdim=True) / (1 if t == 0 else r)
                        for p, x in zip(self.pending, (q, k, v)))
-        if rope is not None: q, k = rope(q, k, torch.tensor([t], device=q.device))
+        if rope is not None: q, k = rope(q, k, torch.tensor([t]).to(q.device))
         self._append(k, v)
         self.out = self.attend(q)
         return self.out
@@ -131,18 +138,28 @@ class AttentionCache:
         return sum(level.nbytes() for level in self.levels)
 
 class KVCache:
-    "Decoding state of a whole model: one `AttentionCache` per block, all at the same `length`."
+    """Decoding state of a whole model: one `AttentionCache` per block, all at the same `length`, and each MoE layer's
+    capacity queues."""
     def __init__(self, layers: list):
         self.layers = list(layers)
+        self.capacity = [None] * len(self.layers)  # per block: a `CapacityState`, made at the block's first call
 
     @property
     def length(self) -> int:
         "Positions the cache holds."
         return self.layers[0].length
 
+    def capacity_state(self, i: int, batch: int, num_experts: int, device) -> CapacityState:
+        "Block `i`'s capacity queues: per sequence and expert, the assignments routed and dropped so far (empty at first)."
+        if self.capacity[i] is None:
+            zeros = torch.zeros(batch, num_experts, dtype=torch.long, device=device)
+            self.capacity[i] = CapacityState(zeros, zeros.clone())
+        return self.capacity[i]
+
     def nbytes(self) -> int:
         "Bytes held by every layer's cache."
-        return sum(layer.nbytes() for layer in self.layers)
+        queues = sum(_nbytes(s.routed, s.dropped) for s in self.capacity if s is not None)
+        return sum(layer.nbytes() for layer in self.layers) + queues
 
 # %% ../nbs/24_cache.ipynb #399da11a
 def cache_entries(cfg, length: int) -> int:

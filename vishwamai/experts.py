@@ -123,7 +123,8 @@ def causal_capacity_plan(idx: torch.Tensor, num_experts: int, capacity_factor: f
     dropped_before = torch.zeros_like(routed[:, 0]) if state is None else state.dropped  # D_e before this call
     kept_before = torch.zeros_like(routed[:, 0]) if state is None else state.routed - state.dropped  # K_e before this call
     if state is not None: routed = routed + state.routed[:, None]
-    budget = capacity_budget(torch.arange(start + 1, start + T + 1, device=idx.device), k, num_experts, capacity_factor)
+    # start + ...: on XLA the position is data, not a constant of the graph (no recompilation per decoding step)
+    budget = capacity_budget(start + torch.arange(1, T + 1, device=idx.device), k, num_experts, capacity_factor)
     dropped = running_max(torch.maximum(routed - budget[:, None], dropped_before[:, None]))  # D_e(t)
     kept = routed - dropped  # K_e(t)
     grew = kept > torch.cat([kept_before[:, None], kept[:, :-1]], 1)

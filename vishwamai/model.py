@@ -3,6 +3,7 @@
 # %% ../nbs/31_model.ipynb #95324255
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -15,12 +16,14 @@ from torch.utils.checkpoint import checkpoint
 from .attention import MultiLevelAttention
 from .cache import AttentionCache, KVCache
 from .config import VishwamaiConfig
-from .device import HostChecks
+from .device import HostChecks, is_cpu, step_boundary
 from .embedding import TokenEmbedding
+from .experts import CapacityState
 from .moe import DenseFFN, MoE
 
 # %% auto #0
-__all__ = ['BlockOutput', 'Block', 'VishwamaiOutput', 'Vishwamai', 'next_token_loss', 'dense_baseline']
+__all__ = ['BlockOutput', 'Block', 'VishwamaiOutput', 'Vishwamai', 'next_token_loss', 'sample_next', 'left_aligned',
+           'host_checks_off', 'GenerateOutput', 'dense_baseline']
 
 # %% ../nbs/31_model.ipynb #44032e8e
 class BlockOutput(NamedTuple):
@@ -43,11 +46,13 @@ class Block(nn.Module):
         self.ffn = DenseFFN(d, cfg.ffn_hidden, cfg.dropout, cfg.init_std) if cfg.ffn_hidden else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache: AttentionCache | None = None) -> BlockOutput:
+    def forward(self, x, cache: AttentionCache | None = None, moe_state: CapacityState | None = None) -> BlockOutput:
+        "The block over `x` `[B, T, d]`; with a `cache`, `x` continues its positions and `moe_state` carries the MoE queues."
+        start = 0 if cache is None else cache.length  # the position of x[:, 0]; attention moves the cache on
         a = self.attn(self.attn_norm(x), cache)
         x = x + self.drop(a.out)
         if isinstance(self.moe, MoE):
-            m = self.moe(self.moe_norm(x))
+            m = self.moe(self.moe_norm(x), start, moe_state)
             x, aux, stats = x + m.out, m.aux_loss, m.stats
         else:
             x, aux, stats = x + self.moe(self.moe_norm(x)), x.new_zeros(()), {}
@@ -90,7 +95,8 @@ class Vishwamai(HostChecks, nn.Module):
         aux, stats, weights = [], [], []
         for i, block in enumerate(self.blocks):
             if cache is not None:
-                x, a, s, w = block(x, cache.layers[i])
+                state = cache.capacity_state(i, len(x), self.cfg.num_experts, x.device) if self.cfg.use_moe else None
+                x, a, s, w = block(x, cache.layers[i], state)
             elif self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, a, s, w = checkpoint(block, x, use_reentrant=False)
             else:
@@ -129,32 +135,122 @@ def _check_labels(labels, input_ids, vocab_size, values: bool = True):
         if bad.any(): raise ValueError(f"labels must lie in [0, {vocab_size}) or be -100 (ignored); got {labels[bad][0].item()}")
 
 # %% ../nbs/31_model.ipynb #4d79dd5c
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens `[B, 1]` from logits `[B, V]`: the argmax at temperature 0; else a sample among the `top_k` likeliest
+    tokens and the fewest likeliest that hold `top_p` of the probability, drawn with uniforms from `generator`'s device."""
+    logits = logits.float()
+    if temperature == 0: return logits.argmax(-1, keepdim=True)
+    probs, order = (logits / temperature).softmax(-1).sort(-1, descending=True)
+    keep = torch.arange(probs.shape[-1], device=probs.device) < (top_k or probs.shape[-1])
+    if top_p is not None: keep = keep & (probs.cumsum(-1) - probs < top_p)  # the mass before a token is under top_p
+    cdf = (probs * keep).cumsum(-1)
+    # inverse-CDF sampling: the host (or the generator's device) draws one uniform per row, the device reads no value back
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device if generator is None else generator.device)
+    pick = (cdf < u.to(probs.device) * cdf[:, -1:]).sum(-1, keepdim=True)
+    return order.gather(-1, pick.minimum(keep.sum(-1, keepdim=True) - 1))
+
+# %% ../nbs/31_model.ipynb #a732adc4
+def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Prompts of a left-padded batch `input_ids` `[B, T]` moved to start at position 0 (right-padded with 0s, which are
+    never fed to the model), and their lengths (a list); `attention_mask` marks the tokens with 1 and the padding with 0."""
+    B, T = input_ids.shape
+    if attention_mask is None: return input_ids, [T] * B
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, got {tuple(attention_mask.shape)}")
+    mask = attention_mask.cpu().bool()  # the batch's layout sets the decoding schedule: read once, before decoding
+    lengths = mask.sum(1)
+    if not lengths.all(): raise ValueError("attention_mask: every prompt needs at least one token (a row is all 0)")
+    if not torch.equal(mask, torch.arange(T) >= T - lengths[:, None]):
+        raise ValueError("attention_mask must be left-padded (0s, then 1s, in every row): encode with padding_side='left'")
+    index = (torch.arange(T) + T - lengths[:, None]) % T  # row b's token j sits at column T - L_b + j
+    aligned = input_ids.cpu().gather(1, index).masked_fill(torch.arange(T) >= lengths[:, None], 0)
+    return aligned, lengths.tolist()
+
+@contextmanager
+def host_checks_off(model: nn.Module, off: bool = True):
+    "Switch off `model`'s host checks (see `HostChecks`) for a while; each module gets its own setting back after."
+    modules = [m for m in model.modules() if isinstance(m, HostChecks)]
+    saved = [m.host_checks for m in modules]
+    for m in modules: m.host_checks = m.host_checks and not off
+    try: yield model
+    finally:
+        for m, s in zip(modules, saved): m.host_checks = s
+
+# %% ../nbs/31_model.ipynb #5b675519
+class GenerateOutput(NamedTuple):
+    "What `generate(..., output_logits=True)` returns."
+    sequences: torch.Tensor  # [B, T + n]: the prompts as given, then n new tokens each
+    logits: torch.Tensor  # [B, n, vocab_size]: the raw logits each new token was chosen from (0 after a row's end)
+
+def _check_generate(cfg, input_ids, max_new_tokens, temperature, top_k, top_p, eos):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError("generate: input_ids must be integer token ids of shape [batch, length]")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must lie in [1, {cfg.vocab_size}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1: raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if any(not 0 <= e < cfg.vocab_size for e in eos):
+        raise ValueError(f"eos_token_id must lie in [0, {cfg.vocab_size}), got {eos}")
+
+# %% ../nbs/31_model.ipynb #9d05eb4e
+def _decode(model, prompts, lengths, max_new_tokens, eos, pad, use_cache, dev, choose, keep_logits):
+    """Decode all rows in step, position by position, each from its own position 0: a row still in its prompt is fed its
+    prompt token. Returns the tokens `[B, max(L) + max_new_tokens]` (fewer if all rows end) and the logits of each step."""
+    first, longest, max_len = min(lengths), max(lengths), model.cfg.max_seq_len
+    in_prompt = torch.arange(longest) < torch.tensor(lengths)[:, None]  # [B, longest], on the host
+    cache = model.new_cache() if use_cache else None
+    tokens, feed, raw = [prompts[:, :first].to(dev)], prompts[:, :first].to(dev), []
+    ended = torch.zeros(len(lengths), 1, dtype=torch.bool, device=dev) if eos else None
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=dev)
+    for t in range(first, longest + max_new_tokens):  # t: the position chosen now
+        if cache is not None and t <= max_len: logits = model(feed, cache=cache).logits[:, -1]
+        else: logits = model(torch.cat(tokens, 1)[:, -max_len:]).logits[:, -1]  # past max_seq_len: a sliding window
+        if keep_logits: raw.append(logits)
+        nxt = choose(logits)
+        if t < longest: nxt = torch.where(in_prompt[:, t: t + 1].to(dev), prompts[:, t: t + 1].to(dev), nxt)
+        if eos:
+            nxt = nxt.masked_fill(ended, pad)
+            hit = torch.isin(nxt, eos_ids)
+            ended = ended | (hit & ~in_prompt[:, t: t + 1].to(dev) if t < longest else hit)  # a prompt token ends nothing
+        tokens.append(nxt)
+        feed = nxt
+        step_boundary(dev)
+        if eos and ended.all(): break  # one read per step, only with an eos id
+    return torch.cat(tokens, 1), torch.stack(raw, 1) if keep_logits else None
+
+# %% ../nbs/31_model.ipynb #e90fc1b6
 @patch
 @torch.no_grad()
 def generate(model: Vishwamai, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-    "Sample `max_new_tokens` tokens after `input_ids` `[B, T]` (temperature 0: greedy; `top_k`: sample among the k likeliest)."
-    if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size:
-        raise ValueError(f"top_k must lie in [1, {model.cfg.vocab_size}], got {top_k}")
-    was_training = model.training
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list | None = None,
+             attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True, output_logits: bool = False):
+    """Extend each prompt of `input_ids` `[B, T]` (left-padded, with `attention_mask`) by `max_new_tokens` tokens, or
+    until it emits `eos_token_id`; after that, `pad_token_id` (default: the first eos id). Returns `[B, T + n]`."""
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    _check_generate(model.cfg, input_ids, max_new_tokens, temperature, top_k, top_p, eos)
+    prompts, lengths = left_aligned(input_ids, attention_mask)
+    pad = eos[0] if pad_token_id is None and eos else pad_token_id or 0
+    if not 0 <= pad < model.cfg.vocab_size: raise ValueError(f"pad_token_id must lie in [0, {model.cfg.vocab_size}), got {pad}")
+    if max_new_tokens == 0:
+        return GenerateOutput(input_ids, torch.zeros(len(input_ids), 0, model.cfg.vocab_size)) if output_logits else input_ids
+    was_training, dev = model.training, input_ids.device
     model.eval()
-    max_len = model.cfg.max_seq_len
-    cache = model.new_cache() if use_cache else None
-    ids = input_ids
-    for _ in range(max_new_tokens):
-        if cache is not None and ids.shape[1] <= max_len:  # feed what the cache has not seen yet
-            logits = model(ids[:, cache.length:], cache=cache).logits[:, -1].float()
-        else:  # no cache, or past max_seq_len: recompute over the last max_seq_len tokens
-            logits = model(ids[:, -max_len:]).logits[:, -1].float()
-        if temperature == 0: nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None: logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-        ids = torch.cat([ids, nxt], 1)
-    model.train(was_training)
-    return ids
+    try:  # on accelerators, a check that reads a value back would stall every step
+        with host_checks_off(model, off=not is_cpu(dev)):
+            new, logits = _decode(model, prompts, lengths, max_new_tokens, eos, pad, use_cache, dev,
+                                  lambda x: sample_next(x, temperature, top_k, top_p, generator), output_logits)
+    finally: model.train(was_training)
+    # row b's new tokens sit at aligned positions L_b ..; put them after the prompt as given
+    n = min(max_new_tokens, new.shape[1] - min(lengths))
+    index = (torch.tensor(lengths)[:, None] + torch.arange(n)).to(dev)
+    sequences = torch.cat([input_ids, F.pad(new, (0, n), value=pad).gather(1, index)], 1)
+    if not output_logits: return sequences
+    steps = (index - min(lengths))[..., None].expand(-1, -1, logits.shape[-1])
+    return GenerateOutput(sequences, F.pad(logits, (0, 0, 0, n)).gather(1, steps))
 
 # %% ../nbs/31_model.ipynb #db343588
 def dense_baseline(cfg: VishwamaiConfig) -> VishwamaiConfig:
