@@ -24,7 +24,7 @@ $BIN/ruff check vishwamai
 step "nbdev-test: every chapter's inline tests (cells flagged gpu, tpu or slow are skipped)"
 # The chapters that create an XLA device get a process each: torch_xla 2.9 needs its device created before the
 # process's first backward pass, and nbdev-test's workers run several chapters each.
-XLA_CHAPTERS=(01_device 40_xla 41_sharding)
+XLA_CHAPTERS=(01_device 40_xla 41_sharding 43_colab_tpu)
 $BIN/nbdev-test --n-workers 2 --timing --skip-file-re "^($(IFS='|'; echo "${XLA_CHAPTERS[*]}"))"
 for nb in "${XLA_CHAPTERS[@]}"; do $BIN/nbdev-test --timing "nbs/$nb.ipynb"; done
 

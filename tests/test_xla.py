@@ -120,3 +120,135 @@ def test_xla_without_torch_xla_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_xla", None)  # `import torch_xla` now raises ImportError
     with pytest.raises(ValueError, match=r"needs torch_xla, which is not installed: pip install 'vishwamai\[tpu\]'"):
         resolve_device("xla")
+
+
+_ENTRY_POINTS = r"""
+import json, torch
+from vishwamai.device import (autocast, generator, manual_seed, resolve_device, resolve_precision, rng_state, set_rng_state,
+                              xla_device)
+from vishwamai.timing import device_name, environment
+out = {}
+for name in ("xla", torch.device("xla")):
+    key = repr(name)
+    dev = resolve_device(name)
+    manual_seed(5, name); a = torch.rand(4, device=dev).cpu()
+    manual_seed(5, name); b = torch.rand(4, device=dev).cpu()
+    saved = rng_state(name); c = torch.rand(4, device=dev).cpu()
+    set_rng_state(saved, name); d = torch.rand(4, device=dev).cpu()
+    with autocast(name, "bf16"): dtype = str((torch.ones(2, 2, device=dev) @ torch.ones(2, 2, device=dev)).dtype)
+    draw = torch.randint(0, 100, (4,), generator=generator(3, name)).to(dev)
+    out[key] = dict(device=str(dev), index=str(xla_device(name)), seeded=torch.equal(a, b), restored=torch.equal(c, d),
+                    autocast=dtype, precision=resolve_precision("auto", name), environment=environment(name),
+                    name=device_name(name), draw=draw.cpu().tolist(),
+                    want=torch.randint(0, 100, (4,), generator=torch.Generator().manual_seed(3)).tolist())
+print(json.dumps(out))
+"""
+
+
+def test_every_entry_point_accepts_a_bare_xla_device():
+    "`'xla'` and `torch.device('xla')` (no index, which torch_xla's own calls reject) work in every device entry point."
+    _need_xla()
+    out = json.loads(run_on_xla_cpu(_ENTRY_POINTS, num_devices=1).strip().splitlines()[-1])
+    assert set(out) == {"'xla'", "device(type='xla')"}
+    for r in out.values():
+        assert r["device"] == r["index"] == "xla:0", r
+        assert r["seeded"] and r["restored"], r
+        assert (r["autocast"], r["precision"]) == ("torch.bfloat16", "bf16"), r
+        assert r["name"] == r["environment"]["device"] == "XLA CPU" and r["environment"]["torch_xla"], r
+        assert r["draw"] == r["want"], r  # a host generator: the same draws as the CPU's, moved to the device
+
+
+_SPMD_TRAIN = r"""
+import json, sys, tempfile
+from dataclasses import replace
+import torch, torch_xla
+import vishwamai.train
+from vishwamai.config import VishwamaiConfig
+from vishwamai.data import prepare_data
+from vishwamai.sharding import enable_spmd, shard_model_experts
+from vishwamai.xla import compile_count
+T = sys.modules["vishwamai.train"]  # the module (the package exports the function `train` under the same name)
+out, counts = {}, []
+enable_spmd()  # before any XLA tensor exists, as train() does with expert sharding on
+make_trainer, train_step = T.make_trainer, T.train_step
+def sharded_trainer(cfg, tc, device, precision):  # train() with expert sharding switched on
+    t = make_trainer(cfg, tc, device, precision)
+    if device.type == "xla":
+        mesh = shard_model_experts(t.model)
+        out["mesh"] = dict(zip(mesh.axis_names, mesh.mesh_shape))
+    return t
+def counted_step(t, xs, ys):
+    if t.device.type == "xla": counts.append(compile_count())
+    return train_step(t, xs, ys)
+T.make_trainer, T.train_step = sharded_trainer, counted_step
+cfg = VishwamaiConfig(vocab_size=260, d_model=32, n_layers=2, n_heads=2, num_experts=8, top_k=2, num_expert_groups=4, top_groups=2,
+                      max_seq_len=32, expert_dim=32, expert_hidden=32, ffn_hidden=0, level_windows=(8, 4, None), moe_impl="capacity",
+                      attn_impl="xla")
+data = prepare_data("stdlib", seq_len=32, tokenizer="byte", vocab_size=260, max_files=4)
+tc = T.TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, eval_every=3, eval_batches=2, log_every=3, save_every=6,
+                   lr=3e-3, precision="fp32")
+res = {}
+for name in ("xla", "cpu"):  # XLA first: its device must exist before the first backward pass
+    with tempfile.TemporaryDirectory() as d:
+        res[name] = T.train(cfg, replace(tc, out_dir=d, device=name), data=data, progress=False)
+ex = next(m for m in res["xla"]["model"].modules() if type(m).__name__ == "Experts")
+out["w1_sharding"] = torch_xla._XLAC._get_xla_sharding_spec(ex.w1)
+out["counts"] = counts
+out["losses"] = {k: r["history"]["loss"] for k, r in res.items()}
+out["val"] = {k: [v for _, v in r["history"]["val"]] for k, r in res.items()}
+diffs = {n: (p.detach().cpu() - q.detach()).abs().max().item()
+         for (n, p), q in zip(res["xla"]["model"].named_parameters(), res["cpu"]["model"].parameters())}
+out["weight_diff"], out["worst_weight"] = max(diffs.values()), max(diffs, key=diffs.get)
+print(json.dumps(out))
+"""
+
+
+def test_training_with_sharded_experts_equals_unsharded():
+    """`train` with its experts split over 4 virtual XLA CPU devices (SPMD) gives the losses and weights of unsharded
+    training on the CPU, and compiles no new step after warm-up."""
+    _need_xla()
+    out = json.loads(run_on_xla_cpu(_SPMD_TRAIN, num_devices=4).strip().splitlines()[-1])
+    assert out["mesh"] == {"data": 1, "expert": 4} and out["w1_sharding"].startswith("{devices=[4,1,1]"), out
+    xla, cpu = torch.tensor(out["losses"]["xla"]), torch.tensor(out["losses"]["cpu"])
+    # float32 sums taken in another order across the shards: rounding only (measured: 1e-6), amplified a little by AdamW
+    assert len(xla) == 6 and torch.allclose(xla, cpu, atol=1e-4), (xla, cpu)
+    assert torch.allclose(torch.tensor(out["val"]["xla"]), torch.tensor(out["val"]["cpu"]), atol=1e-4), out["val"]
+    assert out["weight_diff"] < 1e-4, out  # after 6 AdamW steps at lr 3e-3
+    warm = out["counts"][3]
+    assert out["counts"][3:] == [warm] * 3, out["counts"]  # steps 4-6 reuse the compiled step (the eval at step 3 included)
+
+
+def test_pallas_flash_only_where_it_imports_and_fits(monkeypatch):
+    "Without JAX the attention keeps SDPA whatever the shape; the shape rule follows the kernel's 512/1024 blocks."
+    from vishwamai.xla import pallas_available, pallas_flash_fits, use_pallas_flash
+    monkeypatch.setitem(sys.modules, "jax", None)  # `import jax` raises ImportError, as on an install without the pallas extra
+    pallas_available.cache_clear()
+    try:
+        assert not pallas_available()
+        assert not use_pallas_flash(4096, 128, on_tpu=True)
+    finally: pallas_available.cache_clear()
+    assert [pallas_flash_fits(n, 64) for n in (512, 1024, 1536, 2048)] == [False, True, False, True]
+    assert not pallas_flash_fits(2048, 32)
+
+
+_PALLAS_PRESENT = r"""
+import json, sys, types
+from vishwamai.xla import pallas_available, use_pallas_flash
+# a stand-in for JAX's Pallas flash-attention module: what pallas_available imports, nothing more
+names = ["jax", "jax.experimental", "jax.experimental.pallas", "jax.experimental.pallas.ops", "jax.experimental.pallas.ops.tpu",
+         "jax.experimental.pallas.ops.tpu.flash_attention"]
+for n in names:
+    m = types.ModuleType(n); m.__path__ = []; m.__spec__ = __import__("importlib.machinery").machinery.ModuleSpec(n, None)
+    sys.modules[n] = m
+sys.modules[names[-1]]._flash_attention_impl = lambda *a: None
+print(json.dumps(dict(available=pallas_available(), tpu=use_pallas_flash(2048, 128, on_tpu=True),
+                      short=use_pallas_flash(512, 128, on_tpu=True), cpu=use_pallas_flash(2048, 128, on_tpu=False),
+                      dropout=use_pallas_flash(2048, 128, on_tpu=True, dropout_p=0.1))))
+"""
+
+
+def test_pallas_flash_chosen_when_the_kernel_imports():
+    "With the kernel importable, Pallas is chosen on a TPU for long, lane-filling shapes, and nowhere else."
+    _need_xla()
+    out = json.loads(run_on_xla_cpu(_PALLAS_PRESENT, num_devices=1).strip().splitlines()[-1])
+    assert out == dict(available=True, tpu=True, short=False, cpu=False, dropout=False), out

@@ -11,10 +11,10 @@ from contextlib import nullcontext
 import torch
 
 # %% auto #0
-__all__ = ['XLA_INSTALL', 'xla_available', 'tpu_attached', 'require_xla', 'resolve_device', 'device_type', 'is_cpu', 'is_cuda',
-           'is_xla', 'default_device', 'resolve_precision', 'autocast', 'step_boundary', 'compile_step', 'manual_seed',
-           'rng_state', 'set_rng_state', 'to_cpu', 'move_model', 'host_copy', 'HostChecks', 'disable_host_checks',
-           'to_device', 'device_loader']
+__all__ = ['XLA_INSTALL', 'xla_available', 'tpu_attached', 'require_xla', 'xla_device', 'resolve_device', 'device_type', 'is_cpu',
+           'is_cuda', 'is_xla', 'default_device', 'resolve_precision', 'autocast', 'step_boundary', 'compile_step',
+           'manual_seed', 'generator', 'rng_state', 'set_rng_state', 'to_cpu', 'move_model', 'host_copy', 'HostChecks',
+           'disable_host_checks', 'to_device', 'device_loader']
 
 # %% ../nbs/01_device.ipynb #0cb43f05
 XLA_INSTALL = ("pip install 'vishwamai[tpu]' (torch_xla 2.9.0 needs torch 2.9.0 exactly; "
@@ -39,8 +39,16 @@ def require_xla():
         return torch_xla
     except ImportError: raise ValueError(f"device 'xla' needs torch_xla, which is not installed: {XLA_INSTALL}") from None
 
-def resolve_device(name: str = "auto") -> torch.device:
-    "The `torch.device` for `name` (`auto`, `cpu`, `cuda`, `cuda:N`, `xla`, `tpu`), with a clear error when it is not available."
+def xla_device(device: torch.device | str = "xla") -> torch.device:
+    "An XLA device with its index: a bare `xla` is this process's device (torch_xla's own calls reject `xla` without `:N`)."
+    dev = torch.device(device)
+    if dev.type != "xla": raise ValueError(f"xla_device: expected an XLA device, got {device!r}")
+    return require_xla().device() if dev.index is None else dev
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The `torch.device` for `name` (`auto`, `cpu`, `cuda`, `cuda:N`, `xla`, `xla:N`, `tpu`, or a `torch.device`), with a
+    clear error when it is not available."""
+    if isinstance(name, torch.device): name = str(name)
     if not isinstance(name, str): raise TypeError(f"device must be a string such as 'cpu' or 'xla', got {type(name).__name__}")
     if name == "auto": name = "cuda" if torch.cuda.is_available() else "xla" if tpu_attached() else "cpu"
     kind = name.split(":")[0]
@@ -52,12 +60,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
         return dev
-    if kind == "xla": return require_xla().device()
+    if kind == "xla": return xla_device(name)
     if kind == "tpu":
         try: import torch_tpu  # noqa: F401  (registers the "tpu" device)
         except ImportError:
             raise ValueError("device 'tpu' needs TorchTPU (pip install torch_tpu, on a TPU VM with torch 2.11-2.15); "
-                                             "for torch_xla use device 'xla'") from None
+                             "for torch_xla use device 'xla'") from None
         return torch.device(name)
     raise ValueError(f"unknown device {name!r}: use 'auto', 'cpu', 'cuda', 'cuda:N', 'xla' or 'tpu'")
 
@@ -76,17 +84,17 @@ def default_device(device: torch.device | str | None = None) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # %% ../nbs/01_device.ipynb #87b78349
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device | str) -> str:
     "`auto` means bf16 autocast on accelerators and fp32 on the CPU (where bf16 matmuls are slow)."
-    if precision == "auto": return "fp32" if device.type == "cpu" else "bf16"
-    if precision == "fp16" and device.type != "cuda": raise ValueError("fp16 with loss scaling needs a CUDA device, "
+    if precision == "auto": return "fp32" if is_cpu(device) else "bf16"
+    if precision == "fp16" and not is_cuda(device): raise ValueError("fp16 with loss scaling needs a CUDA device, "
                                                                        f"got {device}")
     return precision
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device | str, precision: str):
     "The autocast context for `precision` on `device` (`fp32` runs without autocast)."
     if precision == "fp32": return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device_type(device), dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 # %% ../nbs/01_device.ipynb #899d7048
 def step_boundary(device: torch.device):
@@ -98,31 +106,36 @@ def compile_step(fn, device: torch.device):
     return require_xla().compile(fn) if is_xla(device) else fn
 
 # %% ../nbs/01_device.ipynb #e6a322e5
-def manual_seed(seed: int, device: torch.device):
+def manual_seed(seed: int, device: torch.device | str):
     "Seed Python, torch's CPU (and CUDA) generators and, on XLA, the device's generator."
     random.seed(seed)
     torch.manual_seed(seed)
     if is_xla(device):
         import torch_xla.core.xla_model as xm
-        xm.set_rng_state(seed, device)
+        xm.set_rng_state(seed, xla_device(device))
 
-def rng_state(device: torch.device) -> dict:
+def generator(seed: int, device: torch.device | str | None = None) -> torch.Generator:
+    """A seeded `torch.Generator` for random draws whose results go to `device`: on XLA a host generator (torch_xla has no
+    `torch.Generator`), so draw on the host and move the result."""
+    return torch.Generator("cpu" if is_xla(device) or device is None else device).manual_seed(seed)
+
+def rng_state(device: torch.device | str) -> dict:
     "Every random-number state the run depends on, as plain host objects."
     s = dict(torch=torch.get_rng_state(), python=random.getstate(),
              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     if is_xla(device):
         import torch_xla.core.xla_model as xm
-        s["xla"] = xm.get_rng_state(device)
+        s["xla"] = xm.get_rng_state(xla_device(device))
     return s
 
-def set_rng_state(s: dict, device: torch.device):
+def set_rng_state(s: dict, device: torch.device | str):
     "Restore what `rng_state` saved."
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
     if is_xla(device) and s.get("xla") is not None:
         import torch_xla.core.xla_model as xm
-        xm.set_rng_state(s["xla"], device)
+        xm.set_rng_state(s["xla"], xla_device(device))
 
 def to_cpu(obj):
     "A copy of `obj` (tensors inside dicts, lists and tuples) with every tensor on the CPU."

@@ -15,7 +15,7 @@ from .experts import Experts
 
 # %% auto #0
 __all__ = ['MESH_AXES', 'num_experts_per_device', 'check_expert_sharding', 'group_limited', 'expert_mesh', 'shard_experts',
-           'shard_batch', 'sharded_loader', 'compare_sharded', 'run_on_xla_cpu']
+           'shard_batch', 'sharded_loader', 'compare_sharded', 'run_on_xla_cpu', 'enable_spmd', 'shard_model_experts']
 
 # %% ../nbs/41_sharding.ipynb #c1f34537
 def num_experts_per_device(num_experts: int, num_devices: int) -> int:
@@ -132,3 +132,20 @@ def run_on_xla_cpu(code: str, num_devices: int = 4, timeout: float = 600) -> str
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode: raise RuntimeError(f"the XLA CPU run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout
+
+# %% ../nbs/41_sharding.ipynb #d5a0d002
+def enable_spmd():
+    "Run this process as one SPMD program over all its XLA devices; call before any XLA tensor exists. Idempotent."
+    require_xla()
+    import torch_xla.runtime as xr
+    if not xr.is_spmd(): xr.use_spmd()
+
+def shard_model_experts(model: torch.nn.Module, expert_parallel: int | None = None):
+    """Split the experts of `model` (on the XLA device) over a mesh of every XLA device, under SPMD, for training; returns
+    the mesh. Batches stay whole on each device."""
+    if not is_xla(next(model.parameters())):
+        raise ValueError("expert sharding needs the model on an XLA device: train with TrainConfig(device='xla')")
+    enable_spmd()
+    mesh = expert_mesh(expert_parallel)
+    shard_experts(model, mesh)
+    return mesh

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .device import is_cpu, is_cuda, is_xla
+from .device import is_cpu, is_cuda, is_xla, require_xla, xla_device
 
 # %% auto #0
 __all__ = ['sync', 'Timing', 'benchmark', 'peak_memory', 'device_name', 'environment']
@@ -97,7 +97,7 @@ def device_name(device=None) -> str:
     if is_cuda(device): return torch.cuda.get_device_name(device)
     if is_xla(device):
         import torch_xla.core.xla_model as xm
-        return f"XLA {xm.xla_device_hw(torch.device(device))}"
+        return f"XLA {xm.xla_device_hw(xla_device(device))}"
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -105,6 +105,8 @@ def device_name(device=None) -> str:
     return f"{model or platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 def environment(device=None) -> dict:
-    "Device, library versions and date to record beside a measurement."
-    return dict(device=device_name(device), torch=torch.__version__, python=platform.python_version(),
-                date=datetime.date.today().isoformat())
+    "Device, library versions (torch_xla's too on XLA) and date to record beside a measurement."
+    env = dict(device=device_name(device), torch=torch.__version__, python=platform.python_version(),
+               date=datetime.date.today().isoformat())
+    if is_xla(device): env["torch_xla"] = require_xla().__version__
+    return env

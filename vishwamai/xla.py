@@ -3,10 +3,14 @@
 # %% ../nbs/40_xla.ipynb #4b96784e
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 from .device import require_xla
 
 # %% auto #0
-__all__ = ['compile_count', 'xla_replica']
+__all__ = ['PALLAS_BLOCK', 'PALLAS_DQ_BLOCK', 'compile_count', 'xla_replica', 'pallas_available', 'pallas_flash_fits',
+           'use_pallas_flash']
 
 # %% ../nbs/40_xla.ipynb #37af94e1
 def compile_count() -> int:
@@ -21,3 +25,26 @@ def xla_replica() -> tuple[int, int]:
     require_xla()
     import torch_xla.runtime as xr
     return xr.world_size(), xr.global_ordinal()
+
+# %% ../nbs/40_xla.ipynb #b7e1f002
+PALLAS_BLOCK, PALLAS_DQ_BLOCK = 512, 1024  # torch_xla 2.9's flash-attention blocks: forward, and dq in the backward pass
+
+@functools.lru_cache(maxsize=1)
+def pallas_available() -> bool:
+    "Whether torch_xla's Pallas flash attention can run here: torch_xla and JAX (the `pallas` extra) both import."
+    if importlib.util.find_spec("torch_xla") is None or importlib.util.find_spec("jax") is None: return False
+    try:
+        from torch_xla.experimental.custom_kernel import flash_attention  # noqa: F401
+        from torch_xla._internal.jax_workarounds import jax_import_guard
+        jax_import_guard()  # torch_xla claims the TPU before JAX loads, or TPU operations hang
+        from jax.experimental.pallas.ops.tpu.flash_attention import _flash_attention_impl  # noqa: F401
+    except ImportError: return False
+    return True
+
+def pallas_flash_fits(seq_len: int, head_dim: int) -> bool:
+    "Whether the flash kernel's blocks divide `seq_len` with more than one query block, and `head_dim` fills the lanes."
+    return seq_len >= PALLAS_DQ_BLOCK and seq_len % PALLAS_DQ_BLOCK == 0 and head_dim % 64 == 0
+
+def use_pallas_flash(seq_len: int, head_dim: int, on_tpu: bool, dropout_p: float = 0.0) -> bool:
+    "Whether global causal attention should call Pallas flash attention (else SDPA): on a TPU, no dropout, fits, imports."
+    return on_tpu and dropout_p == 0 and pallas_flash_fits(seq_len, head_dim) and pallas_available()
