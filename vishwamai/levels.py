@@ -54,12 +54,13 @@ def causal_downsample(x: torch.Tensor, r: int) -> torch.Tensor:
     "Causal pooling of `x` `[..., T, D]` into `ceil(T/r)` blocks: block j is the mean of positions `jr-r+1 .. jr` (those >= 0)."
     T = x.shape[-2]
     n = _num_blocks(T, r)
-    # shift right by r-1 (zeros in front); the n blocks then end at positions 0, r, 2r, ..., (n-1)r <= T-1,
-    # so nothing past the input is ever needed: no padding at the end, any length T works
-    shifted = F.pad(x, (0, 0, r - 1, 0))[..., : n * r, :]
-    counts = torch.full((n, 1), float(r), dtype=x.dtype, device=x.device)
-    counts[0] = 1  # block 0 holds only position 0
-    return shifted.unflatten(-2, (n, r)).sum(-2) / counts
+    # Shifting right by r-1 makes block 0 position 0 alone and block j >= 1 positions (j-1)r+1 .. jr: blocks of r
+    # read straight from x[1:] as a view (no padded copy). They end at (n-1)r <= T-1: any length T works.
+    # The sum names its accumulation dtype: CUDA autocast runs a plain `sum` in float32, which would hand float32
+    # to every coarse level; given a dtype it leaves the op alone, and the mean comes back in x's dtype.
+    acc = torch.promote_types(x.dtype, torch.float32)
+    blocks = x[..., 1: 1 + (n - 1) * r, :].unflatten(-2, (n - 1, r)).sum(-2, dtype=acc) / r
+    return torch.cat([x[..., :1, :], blocks.to(x.dtype)], dim=-2)
 
 def level_positions(T: int, r: int, device=None) -> torch.Tensor:
     "The position each pooled token of a length-`T` sequence stands for: its newest input, `j * r`."
