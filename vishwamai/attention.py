@@ -132,21 +132,18 @@ def _flex_cpu_backward() -> bool:
     "Whether this torch has FlexAttention's backward pass on the CPU (torch 2.13 removed it)."
     return TorchVersion(torch.__version__) < (2, 13)
 
-def _no_cpu_backward(grad):
-    raise NotImplementedError(f"attn_impl='flex': torch {torch.__version__} has no FlexAttention backward on the CPU; "
-                              "train on the CPU with attn_impl='xla' (or 'reference')")
-
 # %% ../nbs/23_attention.ipynb #9d1f6e37
 def _flex(q, k, v, block_mask):
     if _fused(q): return _compiled(flex_attention)(q, k, v, block_mask=block_mask)
     if torch.compiler.is_compiling(): return flex_attention(q, k, v, block_mask=block_mask)
     # Off CUDA, flex_attention runs unfused (it warns so), through an internal eager-backend trace. We use it only
     # to check masks, on many small shapes: static shapes retrace in ~0.2 s each, a dynamic-shape retrace takes ~10 s.
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not _flex_cpu_backward():
+        raise NotImplementedError(f"attn_impl='flex': torch {torch.__version__} has no FlexAttention backward on the CPU; "
+                                  "train on the CPU with attn_impl='xla' (or 'reference')")
     with warnings.catch_warnings(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         warnings.simplefilter("ignore")
-        out = flex_attention(q, k, v, block_mask=block_mask)
-    if out.requires_grad and q.device.type == "cpu" and not _flex_cpu_backward(): out.register_hook(_no_cpu_backward)
-    return out
+        return flex_attention(q, k, v, block_mask=block_mask)
 
 def flex_level(q, k, v, window: Optional[int], dropout_p: float = 0.0) -> torch.Tensor:
     "Attention at one level: FlexAttention with a sliding-window block mask, or flash SDPA when global."
