@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test
+.PHONY: setup train test gpu-check
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt
@@ -19,3 +19,7 @@ train: setup
 
 test: setup
 	bash scripts/test.sh
+
+# Every GPU goal in one run (one H100/H200); SMOKE=1 runs it at toy sizes on the CPU, as CI does.
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py $(if $(SMOKE),--smoke)

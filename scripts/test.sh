@@ -18,17 +18,29 @@ if [ "$(snapshot | sha256sum)" != "$before" ]; then
   exit 1
 fi
 
+step "lint: ruff check vishwamai"
+$BIN/ruff check vishwamai
+
 step "nbdev-test: every chapter's inline tests (cells flagged gpu, tpu or slow are skipped)"
-# The XLA chapter gets a process of its own: torch_xla 2.9 needs its device created before the process's first
-# backward pass, and nbdev-test's workers run several chapters each.
-$BIN/nbdev-test --n-workers 2 --timing --skip-file-re '^40_xla'
-$BIN/nbdev-test --timing nbs/40_xla.ipynb
+# The chapters that create an XLA device get a process each: torch_xla 2.9 needs its device created before the
+# process's first backward pass, and nbdev-test's workers run several chapters each.
+XLA_CHAPTERS=(01_device 40_xla 41_sharding)
+$BIN/nbdev-test --n-workers 2 --timing --skip-file-re "^($(IFS='|'; echo "${XLA_CHAPTERS[*]}"))"
+for nb in "${XLA_CHAPTERS[@]}"; do $BIN/nbdev-test --timing "nbs/$nb.ipynb"; done
 
 step "site check dependencies (pandoc, chromium, playwright)"
 bash tools/install_site_deps.sh "$BIN/python"
 
 step "pytest"
 $BIN/pytest -q
+
+step "pytest -m exact again on another CPU kernel path: one thread, no SIMD dispatch"
+# A bit-exact assertion that holds only on one code path (thread count, instruction set) fails here, not on a
+# user's machine with another CPU.
+OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default $BIN/pytest -q -m exact -p no:cacheprovider
+
+step "the prepared GPU check runs, at smoke size on the CPU"
+$BIN/python scripts/gpu_check.py --smoke --out "$(mktemp -d)/gpu-check"
 
 step "the wheel installs and runs without the dev extras"
 repo=$(pwd)

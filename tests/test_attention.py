@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounter
 
 from vishwamai import attention
-from vishwamai.attention import (MultiLevelAttention, bench_attention, multilevel_attention, resolve_attn_impl,
-                                 sliding_window_block_mask)
+from vishwamai.attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl, sliding_window_block_mask
+from vishwamai.bench import bench_attention
 from vishwamai.config import VishwamaiConfig, param_counts
 from vishwamai.levels import level_attention
 
@@ -27,8 +27,10 @@ def _module(impl, **kw):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kw", [{}, {"fusion": "static"}, {"attention": "full"}])
+@pytest.mark.exact
 @torch.no_grad()  # values only (torch >= 2.13 runs FlexAttention on the CPU only without gradients)
 def test_future_perturbation_bit_for_bit(impl, kw):
+    "Exact: every product has the same shape whatever the later values are, so each row is rounded the same way."
     m = _module(impl, **kw).eval()
     T = 19  # not a multiple of 4
     x = torch.randn(2, T, 32, dtype=torch.float64)
@@ -43,7 +45,9 @@ def test_future_perturbation_bit_for_bit(impl, kw):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("r,window", [(1, 3), (2, 2), (4, None), (2, None)])
+@pytest.mark.exact
 def test_each_level_alone_is_causal_with_each_kernel(impl, r, window):
+    "Exact, for the reason of the test above."
     torch.manual_seed(1)
     T = 22
     q, k, v = torch.randn(3, 1, 2, T, 8, dtype=torch.float64)

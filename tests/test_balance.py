@@ -1,4 +1,5 @@
 "Balancing losses: the source document's loss has exactly zero router gradient; the others reach the router."
+import pytest
 import torch
 
 from vishwamai.balance import (assignment_mask, balance_bias_step, document_balance_loss, expert_load, load_cv,
@@ -14,7 +15,9 @@ def _routed(seed=0):
     return router, x, router(x)
 
 
+@pytest.mark.exact
 def test_document_loss_has_zero_router_gradient():
+    "Exact: the document's loss has no differentiable path to the router, so it adds an exact zero to every gradient."
     router, x, r = _routed()
     doc = document_balance_loss(r.scores.view(4, 16, 8), assignment_mask(r.experts, 8).view(4, 16, 8), 8)
     assert doc > 0
@@ -61,3 +64,13 @@ def test_load_and_bias_step():
     balance_bias_step(bias, load, 0.5)
     torch.testing.assert_close(bias, torch.tensor([-0.5, -0.5, 0.5, 0.5, 0.5]))  # mean load 1.2
     assert not bias.requires_grad
+
+
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (16, 4), (6, 3)])
+def test_cv_ceiling_for_top_k(E, k):
+    "All load on k experts is the most uneven top-k routing: CV = sqrt(E/k - 1); random routings stay below it."
+    ceiling = (E / k - 1) ** 0.5
+    torch.testing.assert_close(load_cv(expert_load(torch.arange(k).repeat(50, 1), E)), torch.tensor(ceiling))
+    torch.manual_seed(E * k)
+    picks = torch.rand(64, E).topk(k, dim=-1).indices  # k distinct experts per token
+    assert load_cv(expert_load(picks, E)) < ceiling

@@ -1,4 +1,5 @@
 "Benchmarks: FLOP and memory formulas, out-of-memory rows, atomic result files, suite selection and the `bench` command."
+import importlib
 import json
 import os
 import subprocess
@@ -123,9 +124,25 @@ def test_unknown_suites_and_impossible_sizes_are_refused():
 
 
 def test_cli_suites_match_the_library():
-    from vishwamai.cli import BENCH_SUITES, bench
+    from vishwamai.cli import BENCH_SUITES, bench_command as bench
     assert BENCH_SUITES == (*SUITES, "all")
     with pytest.raises(ValueError, match="unknown benchmark suite 'fast'"): bench("fast")
     r = subprocess.run([sys.executable, "-c", "from vishwamai.cli import main; main()", "bench", "nope"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "unknown benchmark suite 'nope'" in r.stderr
+
+
+def test_train_benchmark_times_the_training_loops_own_step(monkeypatch):
+    T = importlib.import_module("vishwamai.train")  # the module: `vishwamai.train` is also the function
+    assert B.train_step is T.train_step  # the very function `train` compiles and calls
+    calls = []
+    def spy(trainer, xs, ys):
+        calls.append((trainer.tc.grad_clip, trainer.balancing, tuple(xs.shape)))
+        return T.train_step(trainer, xs, ys)
+    monkeypatch.setattr(B, "train_step", spy)
+    cfg = dict(bias_update_rate=1e-2)
+    rows = bench_train(preset="tiny", seq_lens=(32,), batch_tokens=64, device="cpu", precision="fp32", warmup=1, repeats=2,
+                       verbose=False, **cfg)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    # warm-up and timed calls, for Vishwamai and for the dense baseline; clipping on, balancing on for the MoE model only
+    assert calls == [(1.0, True, (1, 2, 32))] * 3 + [(1.0, False, (1, 2, 32))] * 3

@@ -8,8 +8,8 @@ pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 from vishwamai.data import (EOT, IGNORE_INDEX, BPETokenizer, ByteTokenizer, PackedBlocks, encode_documents,
-                            load_corpus, load_tokenizer, make_loaders, prepare_data, split_documents,
-                            stdlib_files, unigram_baseline)
+                            eval_block_indices, line_overlap, load_corpus, load_tokenizer, make_loaders, prepare_data,
+                            split_documents, stdlib_files, token_dtype, tokenize_documents, unigram_baseline)
 
 SAMPLES = ["", "x", "déjà vu ✓ 🚀", "a\r\nb\tc   d\n\n", "    def f(self):\n        return {'k': [1, 2]}\n",
            f"literal {EOT} inside text"]
@@ -84,8 +84,8 @@ def test_split_is_by_document_and_seeded(stdlib_docs):
     assert list(split_documents(stdlib_docs, 0.2, seed=4)[1]["text"]) != list(val["text"])
     with pytest.raises(ValueError, match="val_fraction"):
         split_documents(stdlib_docs, 0.0)
-    with pytest.raises(ValueError, match="at least 2 documents"):
-        split_documents(stdlib_docs.select([0]), 0.5)
+    with pytest.raises(ValueError, match="at least 1 document"):
+        split_documents(stdlib_docs.select([]), 0.5)
 
 
 def test_no_validation_document_reaches_training_blocks(tmp_path):
@@ -275,3 +275,180 @@ def test_unigram_baseline_math():
         unigram_baseline(torch.tensor([4]), torch.tensor([0]), 4)
     with pytest.raises(ValueError, match="empty"):
         unigram_baseline(torch.tensor([], dtype=torch.long), torch.tensor([0]), 4)
+
+
+# --- families, one-file corpora, unreadable files --------------------------------------------------------------
+
+def write_family_corpus(folder):
+    "A `codecs/` family of near-copies (one shared template) beside top-level files whose lines occur nowhere else."
+    template = [f"    0x{i:02x}: 'shared table row {i}'," for i in range(40)]
+    (folder / "codecs").mkdir(parents=True)
+    for k in range(12):
+        (folder / "codecs" / f"cp{k}.py").write_text("\n".join(template + [f"# codec {k}"]) + "\n")
+    for k in range(24):
+        (folder / f"module{k}.py").write_text("".join(f"line {j} of module {k}\n" for j in range(10)))
+
+
+def test_families_stay_on_one_side_and_overlap_drops(tmp_path):
+    write_family_corpus(tmp_path)
+    docs = load_corpus(str(tmp_path))
+    assert "codecs/cp0.py" in docs["path"] and "module0.py" in docs["path"]
+    by_doc_overlap = []
+    for seed in range(6):
+        train, val = split_documents(docs, 0.2, seed)
+        assert len(train) + len(val) == len(docs) and 0 < len(val) <= round(0.2 * len(docs))
+        fam = lambda d: {p.split("/")[0] for p in d["path"]}
+        assert not fam(train) & fam(val)  # no family on both sides
+        assert line_overlap(train["text"], val["text"]) == 0  # families share lines only among themselves
+        old_train, old_val = split_documents(docs.rename_column("path", "file"), 0.2, seed)  # one family per document
+        by_doc_overlap.append(line_overlap(old_train["text"], old_val["text"]))
+    assert max(by_doc_overlap) > 0.5  # split file by file, codec siblings leak their template
+
+
+def test_split_without_paths_is_a_document_shuffle(stdlib_docs):
+    "Documents without paths (a Hub dataset) are each their own family: exactly round(n * val_fraction) validate."
+    docs = stdlib_docs.remove_columns("path")
+    train, val = split_documents(docs, 0.2, seed=3)
+    assert len(val) == round(0.2 * len(docs)) and len(train) == len(docs) - len(val)
+
+
+def test_stdlib_families_do_not_straddle(stdlib_docs):
+    train, val = split_documents(stdlib_docs, 0.2, seed=0)
+    assert not {p.split("/")[0] for p in train["path"]} & {p.split("/")[0] for p in val["path"]}
+
+
+def test_one_file_splits_by_position_at_a_line(tmp_path):
+    text = "".join(f"line {i}: {'x' * (i % 13)}\n" for i in range(301))
+    assert text[round(0.9 * len(text)) - 1] != "\n"  # the 90% point falls inside a line
+    (tmp_path / "notes.txt").write_text(text)
+    data = prepare_data(str(tmp_path / "notes.txt"), seq_len=16, tokenizer="byte", val_fraction=0.1,
+                        cache_dir=str(tmp_path / "cache"))
+    eot = EOT
+    train_text, val_text = data.tokenizer.decode(data.train_ids), data.tokenizer.decode(data.val_ids)
+    assert train_text.endswith(eot) and val_text.endswith(eot)
+    head, tail = train_text[:-len(eot)], val_text[:-len(eot)]
+    assert head + tail == text and head.endswith("\n") and tail.startswith("line ")  # the end, cut between lines
+    assert 0.1 * len(text) - 25 <= len(tail) <= 0.1 * len(text)  # the last 10%, less at most one line
+    assert data.info["documents"] == (1, 1)
+    (tmp_path / "short.txt").write_text("a single line\n")  # nothing after the last line break
+    with pytest.raises(ValueError, match="too short to split"):
+        prepare_data(str(tmp_path / "short.txt"), seq_len=4, tokenizer="byte")
+
+
+def test_non_utf8_file_is_named(tmp_path):
+    (tmp_path / "ok.txt").write_text("fine\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "latin.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt.* is not UTF-8 text \(byte 0xe9.*convert it"):
+        load_corpus(str(tmp_path))
+    with pytest.raises(ValueError, match=r"latin\.txt"):
+        list(load_corpus(str(tmp_path), streaming=True))
+
+
+# --- evaluation sample ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_blocks,n", [(1, 1), (7, 3), (100, 16), (1131, 256), (257, 256), (256, 256), (10, 50)])
+def test_eval_block_indices_cover_the_whole_range(n_blocks, n):
+    idx = eval_block_indices(n_blocks, n).tolist()
+    assert len(idx) == min(n, n_blocks) and idx == sorted(set(idx))  # in order, none twice
+    assert idx[0] == 0 and idx[-1] == n_blocks - 1  # from the first block to the last
+    if len(idx) > 1:
+        assert max(b - a for a, b in zip(idx, idx[1:])) <= math.ceil((n_blocks - 1) / (len(idx) - 1))  # evenly
+    assert eval_block_indices(n_blocks, n).tolist() == idx
+
+
+def test_eval_block_indices_bad_input():
+    for args in ((0, 4), (4, 0), (4.0, 2)):
+        with pytest.raises(ValueError, match="positive integer"):
+            eval_block_indices(*args)
+
+
+# --- encoding at scale ------------------------------------------------------------------------------------------
+
+def naive_stream(tok, texts):
+    return torch.cat([torch.tensor(ids + [tok.eot_id], dtype=torch.int32) for ids in tok.encode_batch(list(texts))])
+
+
+def test_encoding_is_compact_and_exact(stdlib_docs, small_bpe):
+    docs = stdlib_docs.select(range(12))
+    expected = naive_stream(small_bpe, docs["text"])
+    for stream in (encode_documents(small_bpe, docs), encode_documents(small_bpe, list(docs["text"]), batch_size=5)):
+        assert stream.dtype == torch.int32 and torch.equal(stream, expected)
+    column = tokenize_documents(small_bpe, docs)
+    assert str(column.features["ids"].feature.dtype) == "uint16"
+    assert column["n_bytes"] == [len(t.encode("utf-8")) for t in docs["text"]]
+    assert token_dtype(2 ** 16) == "uint16" and token_dtype(2 ** 16 + 1) == "uint32"
+    with pytest.raises(ValueError, match="no documents"):
+        encode_documents(small_bpe, [])
+
+
+def test_wide_vocabularies_use_four_bytes():
+    class WideTokenizer(ByteTokenizer):
+        vocab_size, eot_id = 70_000, 69_999
+    from datasets import Dataset
+    column = tokenize_documents(WideTokenizer(), Dataset.from_dict({"text": ["ab"]}))
+    assert str(column.features["ids"].feature.dtype) == "uint32" and column["ids"] == [[97, 98, 69_999]]
+
+
+def test_num_proc_gives_the_same_stream(stdlib_docs, small_bpe):
+    docs = stdlib_docs.select(range(8))
+    assert torch.equal(encode_documents(small_bpe, docs, batch_size=2, num_proc=2), naive_stream(small_bpe, docs["text"]))
+
+
+def test_token_cache_is_reused_and_keyed_by_tokenizer_and_text(tmp_path, monkeypatch, small_bpe):
+    texts, cache = ["first document\n", "second document\n"], tmp_path / "tokens"
+    stream = encode_documents(small_bpe, texts, cache_dir=cache)
+    assert len(list(cache.glob("tokens-*.arrow"))) == 1
+
+    def no_encoding(*a, **k): raise AssertionError("encoded again instead of reading the cache")
+    monkeypatch.setattr(small_bpe, "encode_batch", no_encoding)
+    assert torch.equal(encode_documents(small_bpe, texts, cache_dir=cache), stream)  # read back, not encoded
+    monkeypatch.undo()
+    encode_documents(small_bpe, ["first document\n", "second document!\n"], cache_dir=cache)  # one text changed
+    encode_documents(ByteTokenizer(), texts, cache_dir=cache)  # another tokenizer
+    assert len(list(cache.glob("tokens-*.arrow"))) == 3
+
+
+def test_prepare_data_caches_its_streams(tmp_path):
+    write_docs(tmp_path, 10)
+    cache = tmp_path / "cache"
+    first = prepare_data(str(tmp_path), seq_len=16, tokenizer="byte", val_fraction=0.2, cache_dir=str(cache))
+    again = prepare_data(str(tmp_path), seq_len=16, tokenizer="byte", val_fraction=0.2, cache_dir=str(cache))
+    assert len(list((cache / "vishwamai_tokens").glob("tokens-*.arrow"))) == 2  # training and validation
+    assert torch.equal(first.train_ids, again.train_ids) and first.info == again.info
+
+
+# --- streaming --------------------------------------------------------------------------------------------------
+
+def test_streaming_local_folder_matches_its_families(tmp_path):
+    from datasets import IterableDataset
+    write_family_corpus(tmp_path / "corpus")
+    stream = load_corpus(str(tmp_path / "corpus"), streaming=True)
+    assert isinstance(stream, IterableDataset)
+    assert sorted(r["text"] for r in stream) == sorted(load_corpus(str(tmp_path / "corpus"))["text"])
+    train, val = split_documents(stream, 0.3, seed=1)
+    train_paths, val_paths = [r["path"] for r in train], [r["path"] for r in val]
+    assert sorted(train_paths + val_paths) == sorted(r["path"] for r in stream) and val_paths
+    assert not {p.split("/")[0] for p in train_paths} & {p.split("/")[0] for p in val_paths}
+    assert [r["path"] for r in split_documents(stream, 0.3, seed=1)[1]] == val_paths  # the same on every pass
+
+
+def test_streaming_hub_dataset(tmp_path, monkeypatch):
+    "The Hub branch with `streaming=True`, served offline by the `text` builder streaming a local file."
+    import datasets
+    real_load = datasets.load_dataset
+    (tmp_path / "stories.txt").write_text("".join(f"story {i}: once upon a time, number {i}.\n" for i in range(300)))
+
+    def hub(name, config=None, split="train", cache_dir=None, streaming=False):
+        assert streaming
+        return real_load("text", data_files=str(tmp_path / "stories.txt"), split=split, streaming=True)
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    stream = load_corpus("someone/stories", streaming=True, max_docs=200)
+    assert isinstance(stream, datasets.IterableDataset) and len(list(stream)) == 200
+    data = prepare_data("someone/stories", streaming=True, max_docs=200, seq_len=16, tokenizer="bpe", vocab_size=300,
+                        val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    n_train, n_val = data.info["documents"]
+    assert n_train + n_val == 200 and 10 < n_val < 70  # each story goes to validation with probability 0.2
+    train_text, val_text = data.tokenizer.decode(data.train_ids), data.tokenizer.decode(data.val_ids)
+    assert not set(train_text.split(EOT)) - {""} & set(val_text.split(EOT))  # no story on both sides
+    assert not (tmp_path / "cache").exists()  # a stream is not cached

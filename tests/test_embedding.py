@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.embedding import RotaryEmbedding, TokenEmbedding, sinusoidal_positions
+from vishwamai.embedding import RotaryEmbedding, TokenEmbedding, apply_rope, rope_cos_sin, sinusoidal_positions
+from vishwamai.levels import level_positions
 
 
 def test_rope_scores_depend_only_on_the_offset():
@@ -19,6 +20,31 @@ def test_rope_scores_depend_only_on_the_offset():
     assert not math.isclose(score(5, 2), score(5, 3), rel_tol=1e-3)
     qr, _ = rope(q, q, torch.tensor([37]))
     assert math.isclose(qr.norm().item(), q.norm().item(), rel_tol=1e-6)
+
+
+def test_rope_rotates_each_half_split_pair():
+    "x·cos + rotate_half(x)·sin is the 2×2 rotation of pair (i, i + D/2) by the angle position × θ_i."
+    torch.manual_seed(0)
+    D, positions = 8, torch.tensor([0, 1, 5, 100])
+    x = torch.randn(len(positions), D, dtype=torch.float64)
+    got = apply_rope(x, *rope_cos_sin(positions, D))
+    for t, m in enumerate(positions.tolist()):
+        for i in range(D // 2):
+            phi = m * 10000.0 ** (-2 * i / D)
+            R = torch.tensor([[math.cos(phi), -math.sin(phi)], [math.sin(phi), math.cos(phi)]], dtype=torch.float64)
+            # the library's cosines and sines are float32
+            torch.testing.assert_close(got[t, [i, i + D // 2]], R @ x[t, [i, i + D // 2]], atol=1e-5, rtol=0)
+
+
+def test_coarse_level_scores_are_level0_scores_every_r_positions():
+    "Pooled tokens rotate at the positions they stand for, so a level of factor r samples the level-0 score every r."
+    rope = RotaryEmbedding(32)
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 32, dtype=torch.float64)
+    def scores(r, n):  # query at the last pooled token against keys 0, 1, ... pooled tokens back
+        qs, ks = rope(q.expand(n, -1), k.expand(n, -1), level_positions(n * r, r))
+        return (qs[-1] * ks).sum(-1).flip(0)
+    torch.testing.assert_close(scores(4, 64), scores(1, 256)[::4], atol=1e-3, rtol=0)  # float32 angles up to 255: rounded by up to ~1e-5 rad
 
 
 def test_rope_keeps_dtype_and_rejects_odd_width():

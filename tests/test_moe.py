@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from vishwamai.config import VishwamaiConfig, param_counts
+from vishwamai.bench import bench_moe
 from vishwamai.experts import CapacityState, Experts, capacity_budget, causal_capacity_plan, grouped_mm_supported
-from vishwamai.moe import MoE, bench_moe
+from vishwamai.moe import MoE
 
 
 def _grads(module, x, impl):

@@ -27,7 +27,6 @@ def test_two_stage_matches_definition(E, G, M, k):
     scores = torch.rand(50, E)
     got = two_stage_topk(scores, k, G, M)
     assert [set(r.tolist()) for r in got] == brute_force(scores, k, G, M)
-    assert ((got // (E // G)).unsqueeze(-1) == (got // (E // G)).unsqueeze(-2)).any(-1).all()
     groups_used = [len(set((r // (E // G)).tolist())) for r in got]
     assert max(groups_used) <= M
 

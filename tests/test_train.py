@@ -1,4 +1,5 @@
 "Training: exact resumption, failures that keep what was saved, Ctrl-C, and clear errors."
+import importlib
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import torch
 
 from vishwamai import VishwamaiConfig
 from vishwamai.data import prepare_data
-from vishwamai.train import (TrainConfig, TrainingDiverged, find_checkpoint, load_checkpoint, save_checkpoint, train)
+from vishwamai.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vishwamai.train import TrainConfig, TrainingDiverged, train
 
 CFG = VishwamaiConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=4, num_experts=4, top_k=2, max_seq_len=64,
                       expert_dim=32, expert_hidden=32, ffn_hidden=32, level_windows=(8, 4, None))
@@ -133,3 +135,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus):
     assert out.startswith("interrupted"), out
     ck = find_checkpoint(tmp_path)
     assert 0 < load_checkpoint(ck).state["step"] < 100000
+
+
+def test_train_runs_the_named_training_step(tmp_path, data, monkeypatch):
+    T = importlib.import_module("vishwamai.train")  # the module: `vishwamai.train` is also the function
+    steps = []
+    real = T.train_step
+    def spy(trainer, xs, ys):
+        steps.append(tuple(xs.shape))
+        return real(trainer, xs, ys)
+    monkeypatch.setattr(T, "train_step", spy)
+    train(CFG, replace(TC, out_dir=str(tmp_path), steps=3, grad_accum=2), data=data, progress=False)
+    assert steps == [(2, 4, 32)] * 3  # one call per optimizer step, with its micro-batches

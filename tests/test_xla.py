@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.xla import (check_expert_sharding, group_limited, num_experts_per_device, resolve_device, resolve_precision,
-                           run_on_xla_cpu)
+from vishwamai.device import resolve_device, resolve_precision
+from vishwamai.sharding import check_expert_sharding, group_limited, num_experts_per_device, run_on_xla_cpu
 
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 
@@ -29,7 +29,8 @@ from torch.utils.data import TensorDataset
 from vishwamai.config import VishwamaiConfig
 from vishwamai.data import make_loaders, prepare_data
 from vishwamai.train import TrainConfig, train
-from vishwamai.xla import compile_count, device_loader, resolve_device, xla_replica
+from vishwamai.device import device_loader, resolve_device
+from vishwamai.xla import compile_count, xla_replica
 dev = resolve_device("xla")
 out = {"replica": list(xla_replica())}
 cfg = VishwamaiConfig(vocab_size=260, d_model=32, n_layers=1, n_heads=2, num_experts=4, top_k=2, max_seq_len=32, expert_dim=32,
@@ -74,7 +75,7 @@ _SPMD = r"""
 import json, torch
 from dataclasses import replace
 from vishwamai.config import VishwamaiConfig
-from vishwamai.xla import compare_sharded, expert_mesh, shard_batch, shard_experts
+from vishwamai.sharding import compare_sharded, expert_mesh, shard_batch, shard_experts
 from vishwamai.model import Vishwamai
 cfg = VishwamaiConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, num_experts=8, top_k=2, max_seq_len=16, expert_dim=32,
                       expert_hidden=32, ffn_hidden=0, attention="full", moe_impl="capacity", num_expert_groups=4, top_groups=2)

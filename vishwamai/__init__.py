@@ -5,4 +5,9 @@ from .config import VishwamaiConfig, param_counts
 from .moe import MoE
 from .attention import MultiLevelAttention
 from .model import Vishwamai, VishwamaiOutput, dense_baseline
-from .train import TrainConfig, train, load_checkpoint
+from .checkpoint import load_checkpoint
+from .hub import save_tokenizer  # importing hub gives Vishwamai save_pretrained, from_pretrained and push_to_hub
+from .train import TrainConfig, train
+
+__all__ = ["VishwamaiConfig", "param_counts", "MoE", "MultiLevelAttention", "Vishwamai", "VishwamaiOutput", "dense_baseline",
+           "load_checkpoint", "save_tokenizer", "TrainConfig", "train"]

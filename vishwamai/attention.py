@@ -9,18 +9,22 @@ import warnings
 from typing import NamedTuple, Optional
 
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.torch_version import TorchVersion
 
 from .config import VishwamaiConfig
+from .device import is_cuda, is_xla
 from .embedding import RotaryEmbedding
 from .fusion import fuse_levels, level_fusion
-from .levels import level_attention, level_mask, pool_level
+from .levels import level_attention, pool_level
 
 # %% auto #0
 __all__ = ['FLEX_BLOCK_SIZE', 'LEVEL_KERNELS', 'reference_level', 'blocked_local_attention', 'xla_level',
            'sliding_window_block_mask', 'flex_level', 'resolve_attn_impl', 'multilevel_attention', 'AttentionOutput',
-           'MultiLevelAttention', 'bench_attention']
+           'MultiLevelAttention']
 
 # %% ../nbs/23_attention.ipynb #534e2c36
 def reference_level(q, k, v, window: Optional[int], dropout_p: float = 0.0) -> torch.Tensor:
@@ -59,16 +63,17 @@ def blocked_local_attention(q, k, v, window: int, dropout_p: float = 0.0) -> tor
     "Causal sliding-window attention as one batched SDPA over chunks of `window` queries (static shapes): `[..., n, D]`."
     *lead, n, D = q.shape
     c, m = window, -(-n // window)
-    def chunks(t): return (t if m * c == n else F.pad(t, (0, 0, 0, m * c - n))).unflatten(-2, (m, c))
+    def chunks(t): return rearrange(t if m * c == n else F.pad(t, (0, 0, 0, m * c - n)), "... (m c) d -> ... m c d", c=c)
     # batch and heads merge into one dim and the chunks act as SDPA's heads; SDPA fuses scaling, mask and softmax,
     # and on the CPU its flash kernel recomputes them in the backward pass instead of storing [m, c, 2c] probabilities
     qc, kk, vv = (t.flatten(0, -4) for t in (chunks(q), _WithPrevious.apply(chunks(k)), _WithPrevious.apply(chunks(v))))
-    out = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=_chunk_mask(c, window, m, q.device)[None], dropout_p=dropout_p)
-    return out.unflatten(0, lead).flatten(-3, -2)[..., :n, :]
+    mask = _chunk_mask(c, window, m, q.device)[None]
+    out = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask, dropout_p=dropout_p)
+    return rearrange(out.unflatten(0, lead), "... m c d -> ... (m c) d")[..., :n, :]
 
 # %% ../nbs/23_attention.ipynb #790ee0d5
 def _on_tpu(t: torch.Tensor) -> bool:
-    if t.device.type != "xla": return False
+    if not is_xla(t): return False
     try:
         import torch_xla.core.xla_model as xm
         return xm.xla_device_hw(t.device) == "TPU"
@@ -87,9 +92,6 @@ def xla_level(q, k, v, window: Optional[int], dropout_p: float = 0.0) -> torch.T
     return blocked_local_attention(q, k, v, window, dropout_p)
 
 # %% ../nbs/23_attention.ipynb #ad1aa490
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from torch.torch_version import TorchVersion
-
 FLEX_BLOCK_SIZE = 128
 
 def _block_indices(blocks: torch.Tensor):
@@ -122,7 +124,7 @@ def _compiled(fn):
 
 def _fused(t: torch.Tensor) -> bool:
     "Whether FlexAttention and its glue run compiled (fused) for tensors like `t`."
-    return t.is_cuda
+    return is_cuda(t)
 
 # Dynamo ignores `lru_cache` and would trace the mask's construction into the graph, to run at every step; run
 # outside the graph, the cached mask reaches the kernel as an input (inside a larger compiled graph: after a break)
@@ -138,7 +140,8 @@ def _flex(q, k, v, block_mask):
     if torch.compiler.is_compiling(): return flex_attention(q, k, v, block_mask=block_mask)
     # Off CUDA, flex_attention runs unfused (it warns so), through an internal eager-backend trace. We use it only
     # to check masks, on many small shapes: static shapes retrace in ~0.2 s each, a dynamic-shape retrace takes ~10 s.
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not _flex_cpu_backward():
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and q.device.type == "cpu" and not _flex_cpu_backward():
         raise NotImplementedError(f"attn_impl='flex': torch {torch.__version__} has no FlexAttention backward on the CPU; "
                                   "train on the CPU with attn_impl='xla' (or 'reference')")
     with warnings.catch_warnings(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
@@ -147,7 +150,8 @@ def _flex(q, k, v, block_mask):
 
 def flex_level(q, k, v, window: Optional[int], dropout_p: float = 0.0) -> torch.Tensor:
     "Attention at one level: FlexAttention with a sliding-window block mask, or flash SDPA when global."
-    if dropout_p > 0: raise ValueError("attn_impl='flex': FlexAttention has no attention dropout; use dropout=0 or attn_impl='xla'")
+    if dropout_p > 0:
+        raise ValueError("attn_impl='flex': FlexAttention has no attention dropout; use dropout=0 or attn_impl='xla'")
     n = q.shape[-2]
     if window is None or window >= n: return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return _flex(q, k, v, _cached_block_mask(n, window, FLEX_BLOCK_SIZE, str(q.device)))
@@ -157,19 +161,22 @@ LEVEL_KERNELS = {"reference": reference_level, "flex": flex_level, "xla": xla_le
 
 def resolve_attn_impl(impl: str, device, dropout: bool = False) -> str:
     "The kernel `impl` means on `device`: `auto` → flex on CUDA, xla on XLA devices and on CPU (fastest there)."
-    if impl not in (*LEVEL_KERNELS, "auto"): raise ValueError(f"unknown attn_impl {impl!r}; choose one of {(*LEVEL_KERNELS, 'auto')}")
+    if impl not in (*LEVEL_KERNELS, "auto"): raise ValueError(f"unknown attn_impl {impl!r}; choose one of "
+                                                              f"{(*LEVEL_KERNELS, 'auto')}")
     if impl != "auto": return impl
-    return "flex" if torch.device(device).type == "cuda" and not dropout else "xla"
+    return "flex" if is_cuda(device) and not dropout else "xla"
 
 # %% ../nbs/23_attention.ipynb #88f28acb
 def multilevel_attention(q, k, v, factors=(1,), windows=(None,), weights: Optional[torch.Tensor] = None,
                          impl: str = "reference", rope: Optional[RotaryEmbedding] = None, dropout_p: float = 0.0) -> torch.Tensor:
-    "Causal multi-level attention of heads `q`, `k`, `v` `[B, H, T, D]`; `weights` `[B, T, H, L]` mix the levels (None: one level)."
+    """Causal multi-level attention of heads `q`, `k`, `v` `[B, H, T, D]`; `weights` `[B, T, H, L]` mix the levels (None:
+    one level)."""
     kernel = LEVEL_KERNELS[impl]
     pool, fuse = (_compiled(pool_level), _compiled(fuse_levels)) if impl == "flex" and _fused(q) else (pool_level, fuse_levels)
     levels = [kernel(*pool(q, k, v, r, rope), w, dropout_p) for r, w in zip(factors, windows)]
     if weights is None:
-        if len(levels) != 1 or factors[0] != 1: raise ValueError("multilevel_attention: level weights are needed to fuse several levels")
+        if len(levels) != 1 or factors[0] != 1:
+            raise ValueError("multilevel_attention: level weights are needed to fuse several levels")
         return levels[0]
     return fuse(levels, factors, weights)
 
@@ -201,9 +208,11 @@ class MultiLevelAttention(nn.Module):
         if not x.dtype.is_floating_point: raise TypeError(f"{name}: input must be floating point, got dtype {x.dtype}")
         wdtype = self.q_proj.weight.dtype
         if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name}: input dtype {x.dtype} differs from the parameters' {wdtype}; cast one of them or use autocast")
+            raise TypeError(f"{name}: input dtype {x.dtype} differs from the parameters' {wdtype}; cast one of them or "
+                            "use autocast")
         T = x.shape[1]
-        if not 1 <= T <= self.cfg.max_seq_len: raise ValueError(f"{name}: sequence length {T} outside 1..max_seq_len={self.cfg.max_seq_len}")
+        if not 1 <= T <= self.cfg.max_seq_len:
+            raise ValueError(f"{name}: sequence length {T} outside 1..max_seq_len={self.cfg.max_seq_len}")
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"{name}: {T} new positions after {start} cached ones exceed max_seq_len={self.cfg.max_seq_len}")
 
@@ -211,8 +220,7 @@ class MultiLevelAttention(nn.Module):
         "Attend over `x` `[B, T, d_model]`; with a `cache`, `x` continues the positions the cache holds (see the cache chapter)."
         start = 0 if cache is None else cache.length
         self._check(x, start)
-        B, T, d = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (rearrange(p(x), "b t (h e) -> b h t e", h=self.n_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         weights = self.fusion(x) if self.fusion is not None else None
         if start == 0:
             dropout_p = self.cfg.dropout if self.training else 0.0
@@ -220,45 +228,4 @@ class MultiLevelAttention(nn.Module):
             out = multilevel_attention(q, k, v, self.factors, self.windows, weights, impl, self.rope, dropout_p)
             if cache is not None: cache.prefill(q, k, v, self.rope)
         else: out = cache.extend(q, k, v, weights, self.rope)
-        return AttentionOutput(self.o_proj(out.transpose(1, 2).reshape(B, T, d)), weights)
-
-# %% ../nbs/23_attention.ipynb #d038990d
-def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_heads: int = 4, head_dim: int = 32,
-                    windows=(64, 32, None), dtype=None, device=None, impl: str = "auto",
-                    warmup: int = 1, repeats: int = 5, memory: bool = True, verbose: bool = True) -> list:
-    "Time (and measure peak memory of) multi-level vs full causal SDPA attention, fwd+bwd; return one dict per length."
-    from vishwamai.timing import benchmark, peak_memory, environment
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    impl = resolve_attn_impl(impl, device)
-    factors = tuple(2 ** i for i in range(len(windows)))
-    flash_only = device.type == "cuda"
-    rows = []
-    for N in seq_lens:
-        B = max(1, batch_tokens // N)
-        q, k, v = (torch.randn(B, n_heads, N, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        weights = torch.randn(B, N, n_heads, len(windows), device=device).softmax(-1).requires_grad_()
-        def full():
-            if flash_only:  # the baseline is flash attention, not whichever backend SDPA would pick
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-            else: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-        def multi(): multilevel_attention(q, k, v, factors, windows, weights, impl).sum().backward()
-        t_full = benchmark(full, warmup=warmup, repeats=repeats, device=device)
-        t_multi = benchmark(multi, warmup=warmup, repeats=repeats, device=device)
-        row = dict(N=N, batch=B, full_ms=t_full.median * 1e3, full_iqr_ms=t_full.iqr * 1e3,
-                   multilevel_ms=t_multi.median * 1e3, multilevel_iqr_ms=t_multi.iqr * 1e3,
-                   speedup=t_full.median / t_multi.median)
-        if memory:
-            row.update(full_peak_mb=peak_memory(full, device) / 2 ** 20, multilevel_peak_mb=peak_memory(multi, device) / 2 ** 20)
-        rows.append(row)
-    if verbose:
-        env = environment(device)
-        print(f"attention fwd+bwd: {n_heads} heads of {head_dim}, {dtype}, batch x N = {batch_tokens} tokens, "
-              f"windows {windows}, kernel {impl!r}")
-        print(f"device: {env['device']} | torch {env['torch']} | {env['date']}")
-        print(f"{'N':>7} {'batch':>5} {'full ms':>12} {'multi ms':>12} {'speedup':>8}" + (f" {'full MB':>9} {'multi MB':>9}" if memory else ""))
-        for r in rows:
-            print(f"{r['N']:>7} {r['batch']:>5} {r['full_ms']:>7.2f}±{r['full_iqr_ms']:<4.1f} {r['multilevel_ms']:>7.2f}±{r['multilevel_iqr_ms']:<4.1f} "
-                  f"{r['speedup']:>7.2f}x" + (f" {r['full_peak_mb']:>9.1f} {r['multilevel_peak_mb']:>9.1f}" if memory else ""))
-    return rows
+        return AttentionOutput(self.o_proj(rearrange(out, "b h t e -> b t (h e)")), weights)

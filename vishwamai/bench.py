@@ -7,31 +7,35 @@ import functools
 import gc
 import json
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from .attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl
+from .checkpoint import write_atomic
 from .config import VishwamaiConfig, param_counts
+from .device import default_device, disable_host_checks, is_cpu, is_cuda, resolve_precision
 from .model import Vishwamai, dense_baseline, next_token_loss
-from .moe import MoE, bench_moe, moe_active_flops, moe_param_count
-from .attention import MultiLevelAttention, bench_attention
+from .moe import DenseFFN, MoE, moe_active_flops
 from .router import Router
 from .timing import benchmark, environment, peak_memory
-from .xla import disable_host_checks
+from .train import TrainConfig, make_trainer, train_step
 
 # %% auto #0
 __all__ = ['GPU_PEAK_BF16', 'SUITES', 'activation_elems_per_token', 'train_step_bytes', 'memory_formulas', 'format_memory',
            'causal_pairs', 'attention_pairs', 'train_flops_per_token', 'peak_flops', 'run_guarded', 'available_memory',
-           'bench_train', 'Suite', 'write_json_atomic', 'format_rows', 'plot_results', 'run_suite', 'run_suites']
+           'bench_moe', 'format_bench', 'bench_attention', 'bench_train', 'Suite', 'write_json_atomic', 'format_rows',
+           'plot_results', 'run_suite', 'run_suites']
 
 # %% ../nbs/50_bench.ipynb #a0b8b3f7
 def activation_elems_per_token(cfg: VishwamaiConfig, seq_len: int) -> int:
     "Rough count of activation elements a training step saves per token (see the formula above): an overestimate for guards."
     d, H, L = cfg.d_model, cfg.n_heads, cfg.num_levels
     if cfg.attention == "multilevel":
-        attn = (13 + L) * d + 2 * H * L + sum(4 * H * w // r for r, w in zip(cfg.level_factors, cfg.level_windows) if w is not None)
+        windowed = zip(cfg.level_factors, cfg.level_windows)
+        attn = (13 + L) * d + 2 * H * L + sum(4 * H * w // r for r, w in windowed if w is not None)
         factors = cfg.level_factors
     else: attn, factors = 10 * d, (1,)
     if cfg.attn_impl == "reference": attn += sum(2 * H * seq_len // r ** 2 for r in factors)  # materialised N×N scores
@@ -48,7 +52,7 @@ def train_step_bytes(cfg: VishwamaiConfig, batch: int, seq_len: int, param_bytes
 # %% ../nbs/50_bench.ipynb #4a5dcac6
 def memory_formulas(device=None) -> list:
     "Compare the source document's memory formulas with measurements and with corrected formulas; one dict per quantity."
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     torch.manual_seed(0)
     rows = []
     def row(quantity, setting, doc_formula, doc, corrected_formula, corrected, measured):
@@ -60,13 +64,15 @@ def memory_formulas(device=None) -> list:
     expert_size = 2 * mcfg.expert_dim * mcfg.expert_hidden + 2 * mcfg.expert_dim
     x = torch.randn(1, 16, 256, device=device)
     def moe_step():
-        moe = MoE(mcfg, check_finite=False).to(device)
+        moe = disable_host_checks(MoE(mcfg)).to(device)
         opt = torch.optim.AdamW(moe.parameters())
-        r = moe(x); (r.out.sum() + r.aux_loss).backward(); opt.step()
-    P = moe_param_count(mcfg)
+        r = moe(x)
+        (r.out.sum() + r.aux_loss).backward()
+        opt.step()
+    P = param_counts(mcfg)["moe"] // mcfg.n_layers  # one MoE layer
     row("expert parameters (one MoE layer, training)", "E=16, d=d_e=256, h=512, AdamW fp32",
-        "E·expert_size·4", mcfg.num_experts * expert_size * 4, "16·P (weights, grads, 2 AdamW moments), P with projections and router",
-        16 * P, peak_memory(moe_step, device))
+        "E·expert_size·4", mcfg.num_experts * expert_size * 4,
+        "16·P (weights, grads, 2 AdamW moments), P with projections and router", 16 * P, peak_memory(moe_step, device))
 
     # Router forward pass.
     rcfg = VishwamaiConfig(d_model=128, num_experts=64, top_k=2)
@@ -80,10 +86,12 @@ def memory_formulas(device=None) -> list:
     B, N, d, H = 2, 1024, 128, 4
     xa = torch.randn(B, N, d, device=device)
     for impl, label, quad in (("reference", "scores materialised", True), ("xla", "flash SDPA", False)):
-        attn = MultiLevelAttention(VishwamaiConfig(d_model=d, n_heads=H, max_seq_len=N, attention="full", attn_impl=impl)).to(device)
+        acfg = VishwamaiConfig(d_model=d, n_heads=H, max_seq_len=N, attention="full", attn_impl=impl)
+        attn = MultiLevelAttention(acfg).to(device)
         with torch.no_grad(): measured = peak_memory(lambda: attn(xa), device)
         row(f"attention memory (full causal, {label}, forward)", "B=2, N=1024, d=128, H=4", "B·N·d·4", B * N * d * 4,
-            "7·B·N·d·4 + 2·B·H·N²·4" if quad else "7·B·N·d·4", 7 * B * N * d * 4 + (2 * B * H * N * N * 4 if quad else 0), measured)
+            "7·B·N·d·4 + 2·B·H·N²·4" if quad else "7·B·N·d·4", 7 * B * N * d * 4 + (2 * B * H * N * N * 4 if quad else 0),
+            measured)
 
     # A whole training step of the tiny preset: the document's three formulas summed over layers, against the corrected estimate.
     cfg = VishwamaiConfig.preset("tiny")
@@ -93,7 +101,8 @@ def memory_formulas(device=None) -> list:
         model = disable_host_checks(Vishwamai(cfg).to(device))
         opt = torch.optim.AdamW(model.parameters())
         out = model(ids)
-        (next_token_loss(out.logits[:, :-1], ids[:, 1:]) + out.aux_loss).backward(); opt.step()
+        (next_token_loss(out.logits[:, :-1], ids[:, 1:]) + out.aux_loss).backward()
+        opt.step()
     expert_size = 2 * cfg.expert_dim * cfg.expert_hidden + 2 * cfg.expert_dim
     doc = cfg.n_layers * (cfg.num_experts * expert_size + B * N * cfg.d_model + B * N * cfg.num_experts) * 4
     row("training step (tiny preset, whole model)", "B=4, N=256, AdamW fp32", "Σ layers of the three above", doc,
@@ -102,7 +111,7 @@ def memory_formulas(device=None) -> list:
 
 def format_memory(rows: list) -> str:
     "A Markdown table of `memory_formulas` rows, with each formula's ratio to the measurement."
-    mb = lambda b: f"{b / 2**20:.2f} MB"
+    def mb(b): return f"{b / 2**20:.2f} MB"
     lines = ["| quantity | setting | document | corrected | measured | document / measured | corrected / measured |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -126,7 +135,8 @@ def attention_pairs(cfg: VishwamaiConfig, seq_len: int) -> int:
 def train_flops_per_token(cfg: VishwamaiConfig, seq_len: int) -> float:
     "Model FLOPs per token of one training step (3× forward: matmuls over active weights, plus visible attention pairs)."
     d = cfg.d_model
-    attn_proj = 4 * d * d + (d * cfg.n_heads * cfg.num_levels if cfg.attention == "multilevel" and cfg.fusion == "adaptive" else 0)
+    adaptive = cfg.attention == "multilevel" and cfg.fusion == "adaptive"
+    attn_proj = 4 * d * d + (d * cfg.n_heads * cfg.num_levels if adaptive else 0)
     ffn = 2 * d * cfg.ffn_hidden
     mixer = moe_active_flops(cfg) / 2 if cfg.use_moe else 2 * d * cfg.top_k * cfg.expert_hidden
     matmul = cfg.n_layers * (attn_proj + mixer + ffn) + cfg.vocab_size * d
@@ -143,17 +153,18 @@ def _cpu_matmul_rate() -> float:
 def peak_flops(device=None) -> tuple:
     "(peak FLOP/s, where it comes from) for `device`: a data-sheet bf16 figure for known GPUs, a measured fp32 matmul on CPU."
     device = torch.device(device or "cpu")
-    if device.type == "cuda":
+    if is_cuda(device):
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_BF16.items():  # "H100 PCIe" is listed before "H100"
             if key in name: return flops, f"data sheet: {key} dense bf16"
         return None, f"unknown GPU {name!r}: no peak listed"
-    if device.type != "cpu": return None, f"no peak listed for {device.type}"
+    if not is_cpu(device): return None, f"no peak listed for {device.type}"
     return _cpu_matmul_rate(), "measured: 1024×1024 fp32 matmul on this CPU"
 
 # %% ../nbs/50_bench.ipynb #c55d19ad
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    return (isinstance(e, (torch.OutOfMemoryError, MemoryError))
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
 
 def run_guarded(fn, device=None):
     "`(fn(), None)`, or `(None, 'out of memory: ...')` when `fn` runs out of memory on `device`; other errors propagate."
@@ -162,45 +173,131 @@ def run_guarded(fn, device=None):
         if not _is_oom(e): raise
         msg = "out of memory: " + str(e).strip().splitlines()[0][:160]
     gc.collect()  # the exception's frames held the tensors; now they can go
-    if torch.device(device or "cpu").type == "cuda": torch.cuda.empty_cache()
+    if is_cuda(device): torch.cuda.empty_cache()
     return None, msg
 
 def available_memory(device=None) -> int:
     "Bytes free for new allocations on `device` (physical memory available on a CPU)."
-    device = torch.device(device or "cpu")
-    if device.type == "cuda": return torch.cuda.mem_get_info(device)[0]
+    if is_cuda(device): return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+# %% ../nbs/50_bench.ipynb #a727fd2b
+def bench_moe(experts=(8, 64), tokens: int = 16384, d_model: int = 1024, hidden: int = 1408, top_k: int = 2,
+              dtype=torch.bfloat16, device=None, impls=("loop", "grouped", "capacity", "dense"),
+              capacity_factor: float = 1.25, warmup: int = 2, repeats: int = 5, verbose: bool = True) -> list:
+    "Time fwd+bwd of the MoE layer per dispatch and of a dense FFN with equal active FLOPs; returns rows (dicts), prints a table."
+    device = default_device(device)
+    env, rows = environment(device), []
+    for E in experts:
+        cfg = VishwamaiConfig(d_model=d_model, num_experts=E, top_k=top_k, expert_dim=d_model, expert_hidden=hidden,
+                              capacity_factor=capacity_factor)
+        flops = moe_active_flops(cfg)
+        torch.manual_seed(0)
+        x = torch.randn(1, tokens, d_model, device=device, dtype=dtype, requires_grad=True)
+        for impl in impls:
+            if impl == "dense":
+                layer = DenseFFN(d_model, max(64, round(flops / (4 * d_model) / 64) * 64)).to(device, dtype)
+                dropped = 0.0
+            else:
+                layer = disable_host_checks(MoE(replace(cfg, moe_impl=impl))).to(device, dtype)
+                dropped = float(layer(x).stats["dropped_fraction"])
+            def step(layer=layer, dense=impl == "dense"):
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                r = layer(x)
+                (r.sum() if dense else r.out.sum() + r.aux_loss).backward()
+            t = benchmark(step, warmup=warmup, repeats=repeats, device=device)
+            rows.append(dict(experts=E, impl=impl, tokens=tokens, d_model=d_model, hidden=hidden, top_k=top_k,
+                             dtype=str(dtype).replace("torch.", ""), ms=t.median * 1e3, ms_q1=t.q1 * 1e3, ms_q3=t.q3 * 1e3,
+                             tokens_per_s=tokens / t.median, tflops=3 * flops * tokens / t.median / 1e12,
+                             dropped=dropped, **env))
+            del layer
+    if verbose: print(format_bench(rows))
+    return rows
+
+def format_bench(rows: list) -> str:
+    "A plain-text table of `bench_moe` rows, with each time's ratio to the loop and to the dense FFN of the same case."
+    env = rows[0]
+    lines = [f"MoE dispatch, fwd+bwd: T={env['tokens']} d={env['d_model']} h={env['hidden']} top-{env['top_k']} {env['dtype']}"
+             f" | {env['device']} | torch {env['torch']} | {env['date']}",
+             f"{'experts':>7} {'impl':>9} {'median ms':>10} {'IQR ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'dropped':>8}"
+             f" {'loop/this':>9} {'this/dense':>10}"]
+    for r in rows:
+        case = {q["impl"]: q["ms"] for q in rows if q["experts"] == r["experts"]}
+        vs_loop = f"{case['loop'] / r['ms']:.1f}x" if "loop" in case else "-"
+        vs_dense = f"{r['ms'] / case['dense']:.2f}x" if "dense" in case else "-"
+        lines.append(f"{r['experts']:>7} {r['impl']:>9} {r['ms']:>10.2f} {r['ms_q3'] - r['ms_q1']:>8.2f}"
+                     f" {r['tokens_per_s']:>10,.0f}"
+                     f" {r['tflops']:>8.3f} {r['dropped']:>8.1%} {vs_loop:>9} {vs_dense:>10}")
+    return "\n".join(lines)
+
+# %% ../nbs/50_bench.ipynb #d038990d
+def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_heads: int = 4, head_dim: int = 32,
+                    windows=(64, 32, None), dtype=None, device=None, impl: str = "auto",
+                    warmup: int = 1, repeats: int = 5, memory: bool = True, verbose: bool = True) -> list:
+    "Time (and measure peak memory of) multi-level vs full causal SDPA attention, fwd+bwd; return one dict per length."
+    device = default_device(device)
+    dtype = dtype or (torch.bfloat16 if is_cuda(device) else torch.float32)
+    impl = resolve_attn_impl(impl, device)
+    factors = tuple(2 ** i for i in range(len(windows)))
+    flash_only = is_cuda(device)
+    rows = []
+    for N in seq_lens:
+        B = max(1, batch_tokens // N)
+        q, k, v = (torch.randn(B, n_heads, N, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        weights = torch.randn(B, N, n_heads, len(windows), device=device).softmax(-1).requires_grad_()
+        def full():
+            if flash_only:  # the baseline is flash attention, not whichever backend SDPA would pick
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+            else: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        def multi(): multilevel_attention(q, k, v, factors, windows, weights, impl).sum().backward()
+        t_full = benchmark(full, warmup=warmup, repeats=repeats, device=device)
+        t_multi = benchmark(multi, warmup=warmup, repeats=repeats, device=device)
+        row = dict(N=N, batch=B, full_ms=t_full.median * 1e3, full_iqr_ms=t_full.iqr * 1e3,
+                   multilevel_ms=t_multi.median * 1e3, multilevel_iqr_ms=t_multi.iqr * 1e3,
+                   speedup=t_full.median / t_multi.median)
+        if memory:
+            row.update(full_peak_mb=peak_memory(full, device) / 2 ** 20, multilevel_peak_mb=peak_memory(multi, device) / 2 ** 20)
+        rows.append(row)
+    if verbose:
+        env = environment(device)
+        print(f"attention fwd+bwd: {n_heads} heads of {head_dim}, {dtype}, batch x N = {batch_tokens} tokens, "
+              f"windows {windows}, kernel {impl!r}")
+        print(f"device: {env['device']} | torch {env['torch']} | {env['date']}")
+        print(f"{'N':>7} {'batch':>5} {'full ms':>12} {'multi ms':>12} {'speedup':>8}"
+              + (f" {'full MB':>9} {'multi MB':>9}" if memory else ""))
+        for r in rows:
+            print(f"{r['N']:>7} {r['batch']:>5} {r['full_ms']:>7.2f}±{r['full_iqr_ms']:<4.1f} "
+                  f"{r['multilevel_ms']:>7.2f}±{r['multilevel_iqr_ms']:<4.1f} "
+                  f"{r['speedup']:>7.2f}x" + (f" {r['full_peak_mb']:>9.1f} {r['multilevel_peak_mb']:>9.1f}" if memory else ""))
+    return rows
 
 # %% ../nbs/50_bench.ipynb #a3090786
 def _train_step(cfg: VishwamaiConfig, batch: int, seq_len: int, device, precision: str, compile: bool):
-    "A closure running one training step of a fresh `Vishwamai(cfg)` on random tokens."
-    from vishwamai.train import TrainConfig, autocast, make_optimizer
-    model = disable_host_checks(Vishwamai(cfg).to(device).train())
-    opt = make_optimizer(model, TrainConfig())
-    forward = torch.compile(model, dynamic=False) if compile else model
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
-    def step():
-        with autocast(device, precision):
-            out = forward(ids)
-            loss = next_token_loss(out.logits[:, :-1], ids[:, 1:]) + out.aux_loss
-        loss.backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
-    return step
+    "A closure running one step of the training loop's own `train_step` on a fresh `Vishwamai(cfg)` and random tokens."
+    # AdamW, clipping, the fp16 scaler and bias balancing as in training
+    trainer = make_trainer(cfg, TrainConfig(), device, precision)
+    disable_host_checks(trainer.model)
+    if compile: trainer.model.compile(dynamic=False)
+    xs = torch.randint(0, cfg.vocab_size, (1, batch, seq_len), device=device)  # [grad_accum, batch, length]
+    ys = xs.roll(-1, -1)
+    return lambda: train_step(trainer, xs, ys)
 
 def bench_train(preset: str = "tiny", seq_lens=(128, 256, 512), batch_tokens: int = 1024, precision: str = "auto",
                 compile: bool = False, device=None, warmup: int = 1, repeats: int = 3, memory_limit: int | None = None,
                 verbose: bool = True, **overrides) -> list:
     "Tokens/s and MFU of training steps, Vishwamai vs `dense_baseline`, per sequence length; out-of-memory rows say so."
-    from vishwamai.train import resolve_precision
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     precision = resolve_precision(precision, device)
     base = VishwamaiConfig.preset(preset, **overrides)
-    if not (isinstance(batch_tokens, int) and batch_tokens > 0): raise ValueError(f"bench_train: batch_tokens must be a positive integer, got {batch_tokens!r}")
+    if not (isinstance(batch_tokens, int) and batch_tokens > 0):
+        raise ValueError(f"bench_train: batch_tokens must be a positive integer, got {batch_tokens!r}")
     for N in seq_lens:
         if not (isinstance(N, int) and N >= base.level_factors[-1]):
             raise ValueError(f"bench_train: sequence length {N!r} must be an integer >= {base.level_factors[-1]} "
                              f"(the coarsest level pools by {base.level_factors[-1]})")
-    if memory_limit is None and device.type == "cpu": memory_limit = int(0.8 * available_memory(device))
+    if memory_limit is None and is_cpu(device): memory_limit = int(0.8 * available_memory(device))
     peak, peak_source = peak_flops(device)
     rows = []
     for N in seq_lens:
@@ -213,8 +310,10 @@ def bench_train(preset: str = "tiny", seq_lens=(128, 256, 512), batch_tokens: in
             need = train_step_bytes(cfg, B, N, act_bytes=4 if precision == "fp32" else 2)
             def measure():
                 if memory_limit is not None and need > memory_limit:
-                    raise MemoryError(f"a step needs about {need / 2**30:.1f} GiB (estimated), {memory_limit / 2**30:.1f} GiB allowed")
-                return benchmark(_train_step(cfg, B, N, device, precision, compile), warmup=warmup, repeats=repeats, device=device)
+                    raise MemoryError(f"a step needs about {need / 2**30:.1f} GiB (estimated), {memory_limit / 2**30:.1f} "
+                                      "GiB allowed")
+                step = _train_step(cfg, B, N, device, precision, compile)
+                return benchmark(step, warmup=warmup, repeats=repeats, device=device)
             t, err = run_guarded(measure, device)
             if err: row["status"] = err
             else:
@@ -223,7 +322,8 @@ def bench_train(preset: str = "tiny", seq_lens=(128, 256, 512), batch_tokens: in
                            mfu=flops * tps / peak if peak else None)
             rows.append(row)
         dense_row, ours = rows[-1], rows[-2]
-        if "tokens_per_s" in dense_row and "tokens_per_s" in ours: ours["vs_dense"] = ours["tokens_per_s"] / dense_row["tokens_per_s"]
+        if "tokens_per_s" in dense_row and "tokens_per_s" in ours:
+            ours["vs_dense"] = ours["tokens_per_s"] / dense_row["tokens_per_s"]
     if verbose: print(format_rows("train", rows))
     return rows
 
@@ -238,7 +338,8 @@ class Suite:
 
 SUITES = {
     "moe": Suite(bench_moe, sweep="experts",
-                 gpu=dict(experts=(8, 64), tokens=16384, d_model=1024, hidden=1408, top_k=2, dtype="bfloat16", warmup=2, repeats=5),
+                 gpu=dict(experts=(8, 64), tokens=16384, d_model=1024, hidden=1408, top_k=2, dtype="bfloat16", warmup=2,
+                          repeats=5),
                  cpu=dict(experts=(8, 64), tokens=1024, d_model=128, hidden=256, top_k=2, dtype="float32", warmup=1, repeats=3)),
     "attention": Suite(bench_attention, sweep="seq_lens",
                        gpu=dict(seq_lens=(16384, 32768, 65536), batch_tokens=32768, n_heads=16, head_dim=64,
@@ -255,26 +356,18 @@ SUITES = {
 
 # %% ../nbs/50_bench.ipynb #ade9c425
 def write_json_atomic(obj, path) -> Path:
-    "Write `obj` as JSON to `path` atomically: a failure at any point leaves an existing file unchanged."
-    path = Path(path)
-    text = json.dumps(obj, indent=1, default=str)  # dtypes and other objects become their names; fails before touching disk otherwise
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    "Write `obj` as JSON to `path` atomically (`write_atomic`): a failure at any point leaves an existing file unchanged."
+    # dtypes and other objects become their names; anything else fails here, before the disk is touched
+    text = json.dumps(obj, indent=1, default=str)
+    return write_atomic(path, text)
 
 # %% ../nbs/50_bench.ipynb #c146e40f
 _COLUMNS = {  # suite -> (row key, header, format) for the printed table
     "moe": [("experts", "experts", "{}"), ("impl", "impl", "{}"), ("ms", "median ms", "{:.2f}"), ("iqr", "IQR ms", "{:.2f}"),
             ("tokens_per_s", "tokens/s", "{:,.0f}"), ("tflops", "TFLOP/s", "{:.3f}"), ("dropped", "dropped", "{:.1%}")],
-    "attention": [("N", "N", "{}"), ("batch", "batch", "{}"), ("full_ms", "full ms", "{:.2f}"), ("multilevel_ms", "multi-level ms", "{:.2f}"),
-                  ("speedup", "full / multi", "{:.2f}×"), ("full_peak_mb", "full MB", "{:.1f}"), ("multilevel_peak_mb", "multi MB", "{:.1f}")],
+    "attention": [("N", "N", "{}"), ("batch", "batch", "{}"), ("full_ms", "full ms", "{:.2f}"),
+                  ("multilevel_ms", "multi-level ms", "{:.2f}"), ("speedup", "full / multi", "{:.2f}×"),
+                  ("full_peak_mb", "full MB", "{:.1f}"), ("multilevel_peak_mb", "multi MB", "{:.1f}")],
     "train": [("N", "N", "{}"), ("model", "model", "{}"), ("batch", "batch", "{}"), ("active_params", "active params", "{:,}"),
               ("ms", "median ms", "{:.1f}"), ("iqr", "IQR ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
               ("flops_per_token", "GFLOP/token", "{:.3f}"), ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU", "{:.1%}"),
@@ -304,14 +397,17 @@ def plot_results(result: dict, path=None):
             sel = [r for r in rows if r["experts"] == E]
             axes[0].bar([f"{r['impl']}\nE={E}" for r in sel], [r["ms"] for r in sel])
             axes[1].bar([f"{r['impl']}\nE={E}" for r in sel], [r["tflops"] for r in sel])
-        axes[0].set(yscale="log", ylabel="fwd+bwd ms (median)"); axes[1].set_ylabel("TFLOP/s")
+        axes[0].set(yscale="log", ylabel="fwd+bwd ms (median)")
+        axes[1].set_ylabel("TFLOP/s")
         for ax in axes: ax.tick_params(axis="x", labelsize=7)
     elif suite == "attention":
         Ns = [r["N"] for r in rows]
         axes[0].plot(Ns, [r["full_ms"] for r in rows], "o-", label="full causal")
         axes[0].plot(Ns, [r["multilevel_ms"] for r in rows], "o-", label="multi-level")
-        axes[1].plot(Ns, [r["speedup"] for r in rows], "o-"); axes[1].axhline(1, color="gray", lw=0.8)
-        axes[0].set(xscale="log", yscale="log", xlabel="N", ylabel="fwd+bwd ms (median)"); axes[0].legend(fontsize=8)
+        axes[1].plot(Ns, [r["speedup"] for r in rows], "o-")
+        axes[1].axhline(1, color="gray", lw=0.8)
+        axes[0].set(xscale="log", yscale="log", xlabel="N", ylabel="fwd+bwd ms (median)")
+        axes[0].legend(fontsize=8)
         axes[1].set(xscale="log", xlabel="N", ylabel="full / multi-level")
     elif suite == "train":
         for model in ("vishwamai", "dense"):
@@ -319,17 +415,23 @@ def plot_results(result: dict, path=None):
             axes[0].plot([r["N"] for r in sel], [r["tokens_per_s"] for r in sel], "o-", label=model)
             axes[1].plot([r["N"] for r in sel], [r["mfu"] for r in sel], "o-", label=model)
         axes[0].set(xscale="log", xlabel="N", ylabel="training tokens/s", ylim=(0, None))
-        axes[1].set(xscale="log", xlabel="N", ylabel="MFU", ylim=(0, None)); axes[0].legend(fontsize=8)
+        axes[1].set(xscale="log", xlabel="N", ylabel="MFU", ylim=(0, None))
+        axes[0].legend(fontsize=8)
     else:
-        names = [r["quantity"].split(" (")[0].replace(" memory", "").replace(" parameters", "") + ("\n(flash)" if "flash" in r["quantity"] else "") for r in rows]
+        names = [r["quantity"].split(" (")[0].replace(" memory", "").replace(" parameters", "")
+                 + ("\n(flash)" if "flash" in r["quantity"] else "") for r in rows]
         for key, label in (("document_bytes", "document"), ("corrected_bytes", "corrected"), ("measured_bytes", "measured")):
             axes[0].plot(names, [r[key] / 2**20 for r in rows], "o", label=label)
             axes[1].plot(names, [r[key] / r["measured_bytes"] for r in rows], "o", label=label)
-        axes[0].set(yscale="log", ylabel="MB"); axes[1].set(yscale="log", ylabel="formula / measured"); axes[0].legend(fontsize=8)
+        axes[0].set(yscale="log", ylabel="MB")
+        axes[1].set(yscale="log", ylabel="formula / measured")
+        axes[0].legend(fontsize=8)
         for ax in axes: ax.tick_params(axis="x", labelsize=7)
     if suite in ("attention", "train"):
         Ns = sorted({r["N"] for r in rows})
-        for ax in axes: ax.set_xticks(Ns, [str(n) for n in Ns]); ax.minorticks_off()
+        for ax in axes:
+            ax.set_xticks(Ns, [str(n) for n in Ns])
+            ax.minorticks_off()
     fig.suptitle(f"{suite}: {result['device']} | torch {result['torch']} | {result['date']}", fontsize=9)
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110)
@@ -339,9 +441,9 @@ def plot_results(result: dict, path=None):
 def run_suite(name: str, device=None, out=None, verbose: bool = True, **overrides) -> dict:
     "Run benchmark suite `name` (moe, attention, train, memory) at its setting for `device`; write `out/NAME.json` and `.png`."
     if name not in SUITES: raise ValueError(f"unknown benchmark suite {name!r}; choose one of {(*SUITES, 'all')}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     suite = SUITES[name]
-    settings = {**(suite.gpu if device.type == "cuda" else suite.cpu), **overrides}
+    settings = {**(suite.gpu if is_cuda(device) else suite.cpu), **overrides}
     call = {k: getattr(torch, v) if k == "dtype" else v for k, v in settings.items()}
     rows = []
     for value in (settings[suite.sweep] if suite.sweep else [None]):

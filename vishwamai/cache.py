@@ -12,14 +12,15 @@ from .fusion import fuse_levels
 from .levels import pool_level
 
 # %% auto #0
-__all__ = ['LevelCache', 'AttentionCache', 'cache_entries']
+__all__ = ['LevelCache', 'AttentionCache', 'KVCache', 'cache_entries']
 
 # %% ../nbs/24_cache.ipynb #ac3c4b02
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 class LevelCache:
-    "Decoding state of one attention level: pooled keys and values (a ring when windowed), the positions waiting for the next block, and the newest output."
+    """Decoding state of one attention level: pooled keys and values (a ring when windowed), the positions waiting for
+    the next block, and the newest output."""
     def __init__(self, factor: int, window: Optional[int], max_len: int):
         self.factor, self.window = factor, window
         self.max_entries = -(-max_len // factor)  # pooled entries a max_len sequence makes
@@ -79,7 +80,8 @@ class LevelCache:
                 self.pending[..., phase - 1: phase, :] = torch.stack([q, k, v])
                 return self.out
             # a block completes at t: the waiting r - 1 positions and t, summed as causal_downsample sums them
-            q, k, v = (torch.cat([p, x], dim=-2).sum(-2, keepdim=True) / (1 if t == 0 else r) for p, x in zip(self.pending, (q, k, v)))
+            q, k, v = (torch.cat([p, x], dim=-2).sum(-2, keepdim=True) / (1 if t == 0 else r)
+                       for p, x in zip(self.pending, (q, k, v)))
         if rope is not None: q, k = rope(q, k, torch.tensor([t], device=q.device))
         self._append(k, v)
         self.out = self.attend(q)
@@ -112,8 +114,10 @@ class AttentionCache:
         "Attention output `[B, H, T, D]` for `T` new positions, one at a time; `weights` `[B, T, H, L]` fuse the levels."
         if not self.length: raise ValueError("AttentionCache.extend: the cache is empty; prefill it first")
         if q.shape[0] != self.levels[0].out.shape[0]:
-            raise ValueError(f"AttentionCache.extend: batch of {q.shape[0]} sequences, but the cache holds {self.levels[0].out.shape[0]}")
-        if weights is None and len(self.levels) > 1: raise ValueError("AttentionCache.extend: level weights are needed to fuse several levels")
+            raise ValueError(f"AttentionCache.extend: batch of {q.shape[0]} sequences, but the cache holds "
+                             f"{self.levels[0].out.shape[0]}")
+        if weights is None and len(self.levels) > 1:
+            raise ValueError("AttentionCache.extend: level weights are needed to fuse several levels")
         outs = []
         for s in range(q.shape[-2]):
             new = (q[:, :, s: s + 1], k[:, :, s: s + 1], v[:, :, s: s + 1])
@@ -125,6 +129,20 @@ class AttentionCache:
     def nbytes(self) -> int:
         "Bytes held by all levels."
         return sum(level.nbytes() for level in self.levels)
+
+class KVCache:
+    "Decoding state of a whole model: one `AttentionCache` per block, all at the same `length`."
+    def __init__(self, layers: list):
+        self.layers = list(layers)
+
+    @property
+    def length(self) -> int:
+        "Positions the cache holds."
+        return self.layers[0].length
+
+    def nbytes(self) -> int:
+        "Bytes held by every layer's cache."
+        return sum(layer.nbytes() for layer in self.layers)
 
 # %% ../nbs/24_cache.ipynb #399da11a
 def cache_entries(cfg, length: int) -> int:

@@ -43,7 +43,8 @@ class VishwamaiConfig:
     # --- Multi-Level Attention ---
     attention: str = "multilevel"  # "multilevel", or "full" for plain causal attention (the dense baseline)
     num_levels: int = 3  # level i works at 1/2**i of the sequence length
-    level_windows: tuple[int | None, ...] = (64, 32, None)  # per level: a local causal window, counted at that level's resolution, or None for global
+    # per level: a local causal window, counted at that level's resolution, or None for global
+    level_windows: tuple[int | None, ...] = (64, 32, None)
     fusion: str = "adaptive"  # "adaptive" (input-dependent level weights per head) or "static" (learned constants per head)
     attn_impl: str = "auto"  # "reference" (plain PyTorch), "flex" (FlexAttention + SDPA on GPU), "xla" (static shapes), or "auto"
     # --- Mixture of Experts ---

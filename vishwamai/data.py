@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import random
 import sysconfig
@@ -17,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 # %% auto #0
 __all__ = ['EOT', 'TEXT_SUFFIXES', 'IGNORE_INDEX', 'stdlib_files', 'load_corpus', 'corpus_stats', 'split_documents',
-           'ByteTokenizer', 'BPETokenizer', 'load_tokenizer', 'bytes_per_token', 'encode_documents', 'PackedBlocks',
-           'make_loaders', 'unigram_baseline', 'TextData', 'prepare_data']
+           'line_overlap', 'ByteTokenizer', 'BPETokenizer', 'load_tokenizer', 'bytes_per_token', 'token_dtype',
+           'tokenize_documents', 'encode_documents', 'PackedBlocks', 'make_loaders', 'unigram_baseline', 'TextData',
+           'prepare_data', 'eval_block_indices']
 
 # %% ../nbs/30_data.ipynb #ecd45fad
 EOT = "<|endoftext|>"  # the separator placed after every document
@@ -26,7 +28,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # files a local folder contribut
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 def stdlib_files(max_files: int | None = None) -> list[Path]:
-    "The standard library's `.py` files in sorted order, without test folders or installed packages; `max_files` keeps an evenly spread subset."
+    "The standard library's `.py` files, sorted, without tests or installed packages; `max_files` keeps an evenly spread subset."
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted((f for f in root.rglob("*.py") if not _SKIP_DIRS.intersection(f.relative_to(root).parts[:-1])),
                    key=lambda f: f.relative_to(root).as_posix())
@@ -52,31 +54,46 @@ def _local_files(source: str, suffixes=TEXT_SUFFIXES) -> list[Path]:
     if not files: raise ValueError(f"corpus folder {str(p)!r} holds no text files (looked for {', '.join(suffixes)})")
     return files
 
+def _read_documents(files: list[str], root: str):
+    "Rows `{text, path}`, `path` relative to `root`; a file that is not UTF-8 stops the load with an error naming it."
+    for f in map(Path, files):
+        try: text = f.read_text(encoding="utf-8")  # text mode, like `open`: "\r\n" reads as "\n"
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpus file {str(f)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}); convert it to UTF-8 or move it out of the corpus") from None
+        yield {"text": text, "path": f.relative_to(root).as_posix()}
+
 # %% ../nbs/30_data.ipynb #8c7d0c0a
 def load_corpus(source: str = "stdlib", *, split: str = "train", config_name: str | None = None,
                 text_column: str = "text", max_docs: int | None = None, max_files: int | None = None,
-                cache_dir: str | None = None):
-    "Documents from `source` (`'stdlib'`, a local file or folder, or a Hub dataset name) as a `datasets.Dataset` with a `text` column."
-    from datasets import load_dataset
+                cache_dir: str | None = None, streaming: bool = False):
+    """Documents from `source` (`'stdlib'`, a local file or folder, or a Hub dataset name) as a `datasets.Dataset`
+    with a `text` column (and `path`, relative to the files' common folder, for local sources); `streaming=True`
+    gives an `IterableDataset` read lazily."""
+    from datasets import Dataset, IterableDataset, load_dataset
     if source == "stdlib" or _looks_local(source):
-        files = stdlib_files(max_files) if source == "stdlib" else _local_files(source)
-        ds = load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train",
-                          cache_dir=cache_dir)
+        files = [str(f) for f in (stdlib_files(max_files) if source == "stdlib" else _local_files(source))]
+        kw = dict(files=files, root=os.path.commonpath([str(Path(f).parent) for f in files]))
+        ds = IterableDataset.from_generator(_read_documents, gen_kwargs=kw) if streaming else \
+             Dataset.from_list(list(_read_documents(**kw)))
     else:
-        try: ds = load_dataset(source, config_name, split=split, cache_dir=cache_dir)
+        try: ds = load_dataset(source, config_name, split=split, cache_dir=cache_dir, streaming=streaming)
         except Exception as e:
             raise FileNotFoundError(f"no local path {source!r}, and the Hugging Face dataset {source!r} "
                                     f"could not be loaded: {e}") from e
-        if text_column not in ds.column_names:
+        if ds.column_names is not None and text_column not in ds.column_names:  # a stream may not know its columns
             raise ValueError(f"dataset {source!r} has no text column {text_column!r}; its columns are "
                              f"{ds.column_names} (pass text_column=...)")
         ds = ds.select_columns([text_column])
         if text_column != "text": ds = ds.rename_column(text_column, "text")
-    if max_docs is not None: ds = ds.select(range(min(max_docs, len(ds))))
+    if max_docs is not None: ds = ds.take(max_docs) if streaming else ds.select(range(min(max_docs, len(ds))))
+    if streaming: return ds.filter(lambda row: bool(row["text"].strip()))  # a stream remembers no earlier rows
     keep, seen = [], set()
     for i, t in enumerate(ds["text"]):
         digest = hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest()
-        if t.strip() and digest not in seen: keep.append(i); seen.add(digest)  # drop blank and repeated documents
+        if t.strip() and digest not in seen:  # drop blank and repeated documents
+            keep.append(i)
+            seen.add(digest)
     if not keep: raise ValueError(f"corpus {source!r} is empty: none of its {len(ds)} document(s) holds any text")
     return ds if len(keep) == len(ds) else ds.select(keep)
 
@@ -88,15 +105,65 @@ def corpus_stats(ds) -> dict:
                 median_doc_bytes=sizes[len(sizes) // 2])
 
 # %% ../nbs/30_data.ipynb #765187da
+def _family(path: str) -> str:
+    "The top folder of a corpus-relative path (`encodings/cp1252.py` -> `encodings`); a top-level file is its own family."
+    return path.split("/", 1)[0]
+
+def _hash_unit(seed: int, key: str) -> float:
+    "A seeded, uniform number in [0, 1) that depends only on `key`: the same on every machine and every pass."
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest(), "big") / 2 ** 64
+
 def split_documents(ds, val_fraction: float = 0.05, seed: int = 0):
-    "Split a corpus into `(train, val)` datasets of whole documents, by a seeded shuffle."
+    """Split a corpus into `(train, val)`, keeping each family of documents (see `_family`) on one side.
+    A `Dataset` of several documents: whole families, in a seeded order, fill validation up to `val_fraction` of the
+    documents. One document: split by position (see `_split_by_position`). A stream: each family goes to validation
+    when its seeded hash falls below `val_fraction`."""
+    from datasets import IterableDataset
     if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    if isinstance(ds, IterableDataset):
+        def is_val(row): return _hash_unit(seed, _family(row["path"]) if "path" in row else row["text"]) < val_fraction
+        return ds.filter(lambda row: not is_val(row)), ds.filter(is_val)
     n = len(ds)
-    if n < 2: raise ValueError(f"a train/validation split needs at least 2 documents, the corpus has {n}")
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    order = list(range(n))
+    if n == 0: raise ValueError("a train/validation split needs at least 1 document, the corpus has none")
+    if n == 1: return _split_by_position(ds, val_fraction)
+    keys = [_family(p) for p in ds["path"]] if "path" in ds.column_names else range(n)
+    families = {}
+    for i, k in enumerate(keys): families.setdefault(k, []).append(i)
+    if len(families) == 1: families = {i: [i] for i in range(n)}  # one family: its documents split one by one
+    order = list(families.values())
     random.Random(seed).shuffle(order)
-    return ds.select(sorted(order[n_val:])), ds.select(sorted(order[:n_val]))
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    val = []
+    for members in order:  # whole families, as long as they fit
+        if len(val) + len(members) <= n_val: val += members
+        if len(val) == n_val: break
+    if not val: val = min(order, key=len)  # every family is larger than the target: the smallest one validates
+    val = set(val)
+    return ds.select([i for i in range(n) if i not in val]), ds.select(sorted(val))
+
+# %% ../nbs/30_data.ipynb #ba88cc4b
+def line_overlap(train_texts, val_texts) -> float:
+    "Fraction of validation lines (stripped, non-blank) that also occur somewhere in the training texts."
+    seen = {line.strip() for t in train_texts for line in t.splitlines()}
+    lines = [line.strip() for t in val_texts for line in t.splitlines() if line.strip()]
+    if not lines: raise ValueError("the validation texts hold no non-blank line")
+    return sum(line in seen for line in lines) / len(lines)
+
+# %% ../nbs/30_data.ipynb #005d65b7
+def _split_by_position(ds, val_fraction: float):
+    "A one-document corpus: validation is its last `val_fraction` of characters, from the first line that starts there."
+    from datasets import Dataset
+    row = ds[0]
+    text = row["text"]
+    target = round(len(text) * (1 - val_fraction))
+    after = text.find("\n", max(target - 1, 0)) + 1  # first line start at or after the target (0: none)
+    before = text.rfind("\n", 0, target) + 1  # last line start before it (0: none)
+    cut = after if 0 < after < len(text) else before if before > 0 else target
+    if not text[:cut].strip() or not text[cut:].strip():
+        raise ValueError(f"the corpus is one document of {len(text)} characters, too short to split into training and "
+                         f"validation text; use a longer text, or a folder of several files")
+    def part(t): return Dataset.from_dict({**{k: [v] for k, v in row.items()}, "text": [t]}, features=ds.features)
+    return part(text[:cut]), part(text[cut:])
 
 # %% ../nbs/30_data.ipynb #4de306aa
 class ByteTokenizer:
@@ -114,7 +181,9 @@ class ByteTokenizer:
         parts, buf = [], bytearray()
         for i in ids:
             i = int(i)
-            if i == self.eot_id: parts += [buf.decode("utf-8", errors="replace"), EOT]; buf = bytearray()
+            if i == self.eot_id:
+                parts += [buf.decode("utf-8", errors="replace"), EOT]
+                buf = bytearray()
             elif 0 <= i < 256: buf.append(i)
             else: raise ValueError(f"id {i} is outside the byte tokenizer's vocabulary [0, {self.vocab_size})")
         return "".join(parts) + buf.decode("utf-8", errors="replace")
@@ -151,7 +220,8 @@ class BPETokenizer:
             kept, n = [], 0
             for t in texts:
                 if n >= max_train_bytes: break
-                kept.append(t); n += len(t.encode("utf-8"))
+                kept.append(t)
+                n += len(t.encode("utf-8"))
             texts = kept
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # no invented leading space: exact round trips
@@ -203,11 +273,58 @@ def bytes_per_token(tok, texts) -> float:
 # %% ../nbs/30_data.ipynb #2da4c492
 IGNORE_INDEX = -100  # label of padded positions; `F.cross_entropy` skips it by default
 
-def encode_documents(tok, texts) -> torch.Tensor:
-    "One 1-D token stream (int32): every document's ids followed by the end-of-text id."
-    chunks = [torch.tensor(ids + [tok.eot_id], dtype=torch.int32) for ids in tok.encode_batch(list(texts))]
-    if not chunks: raise ValueError("no documents to encode")
-    return torch.cat(chunks)
+def token_dtype(vocab_size: int) -> str:
+    "The smallest unsigned type that holds every id: 2 bytes per token up to 65,536 ids, else 4."
+    return "uint16" if vocab_size <= 2 ** 16 else "uint32"
+
+def tokenize_documents(tok, docs, batch_size: int = 16, num_proc: int | None = None, cache_file_name: str | None = None):
+    """`docs` (a `Dataset` or `IterableDataset` with a `text` column) mapped in batches to `ids` (+ end of text) and
+    `n_bytes`; a `Dataset` maps into `cache_file_name` if given, or reads it back if it exists."""
+    from datasets import Dataset, Features, List, Value
+    eot = tok.eot_id
+    def encode(batch):
+        texts = batch["text"]
+        return {"ids": [ids + [eot] for ids in tok.encode_batch(texts)], "n_bytes": [len(t.encode("utf-8")) for t in texts]}
+    features = Features({"ids": List(Value(token_dtype(tok.vocab_size))), "n_bytes": Value("int64")})
+    extra = dict(num_proc=num_proc, cache_file_name=cache_file_name) if isinstance(docs, Dataset) else {}  # a stream: one process
+    return docs.map(encode, batched=True, batch_size=batch_size, remove_columns=docs.column_names or ["text"],
+                    features=features, **extra)
+
+# %% ../nbs/30_data.ipynb #4779e8e7
+def _cache_file(tok, docs, cache_dir) -> Path:
+    "Where the token column of `tok` on the texts of `docs` is cached: a name that changes with the tokenizer or any text."
+    h = hashlib.blake2b(b"vishwamai-tokens-1\0", digest_size=16)
+    h.update(tok.tokenizer.to_str().encode() if isinstance(tok, BPETokenizer) else tok.kind.encode())
+    for batch in docs.select_columns(["text"]).iter(batch_size=64):
+        for t in batch["text"]:
+            b = t.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little") + b)
+    return Path(cache_dir) / f"tokens-{h.hexdigest()}.arrow"
+
+def _encode_split(tok, docs, batch_size: int = 16, num_proc: int | None = None, cache_dir=None):
+    "Token stream (int32 tensor), document count and UTF-8 bytes of `docs`, with the token column cached in `cache_dir` if given."
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import Dataset, IterableDataset
+    if not isinstance(docs, (Dataset, IterableDataset)): docs = Dataset.from_dict({"text": list(docs)})
+    cache_file = None
+    if cache_dir is not None and isinstance(docs, Dataset):
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(_cache_file(tok, docs, cache_dir))
+    parts, n_docs, n_bytes = [], 0, 0
+    column = tokenize_documents(tok, docs, batch_size, num_proc, cache_file)
+    for batch in column.with_format("arrow").iter(batch_size=1024):
+        parts.append(pc.list_flatten(batch["ids"]).to_numpy())  # views of the compact column: no Python int per token
+        n_docs += batch.num_rows
+        n_bytes += pc.sum(batch["n_bytes"]).as_py()
+    if not parts: raise ValueError("no documents to encode (a stream can leave a small split empty: "
+                                   "use more text or another val_fraction)")
+    # int32, not uint16: torch has few uint16 kernels (no min or max); one copy, cast on the way
+    return torch.from_numpy(np.concatenate(parts, dtype=np.int32)), n_docs, n_bytes
+
+def encode_documents(tok, docs, batch_size: int = 16, num_proc: int | None = None, cache_dir=None) -> torch.Tensor:
+    "One 1-D token stream (int32): every document's ids followed by the end-of-text id; `docs` is texts or a dataset."
+    return _encode_split(tok, docs, batch_size, num_proc, cache_dir)[0]
 
 # %% ../nbs/30_data.ipynb #8c599fe8
 class PackedBlocks(Dataset):
@@ -240,10 +357,13 @@ class PackedBlocks(Dataset):
 # %% ../nbs/30_data.ipynb #384cf86a
 def make_loaders(train: Dataset, val: Dataset, batch_size: int, *, seed: int = 0, drop_last: bool = True,
                  num_replicas: int = 1, rank: int = 0, num_workers: int = 0):
-    "Training and validation `DataLoader`s over replica `rank` of `num_replicas`; call `train_loader.sampler.set_epoch(epoch)` each epoch."
-    if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(num_replicas, int) or num_replicas < 1: raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}")
-    if not isinstance(rank, int) or not 0 <= rank < num_replicas: raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank!r}")
+    "Training and validation `DataLoader`s over replica `rank` of `num_replicas`; call `sampler.set_epoch(epoch)` each epoch."
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}")
+    if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank!r}")
     train_sampler = DistributedSampler(train, num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
     val_sampler = DistributedSampler(val, num_replicas, rank, shuffle=False)
     if drop_last and len(train_sampler) < batch_size:
@@ -276,23 +396,47 @@ class TextData:
     val_ids: torch.Tensor
     info: dict = field(default_factory=dict)
 
+def _first_bytes(docs, max_bytes: int | None) -> list[str]:
+    "Texts from the start of a stream until `max_bytes` of UTF-8 (all of them when `None`)."
+    texts, n = [], 0
+    for row in docs:
+        if max_bytes is not None and n >= max_bytes: break
+        texts.append(row["text"])
+        n += len(row["text"].encode("utf-8"))
+    return texts
+
 def prepare_data(source: str = "stdlib", *, seq_len: int = 256, tokenizer="bpe", vocab_size: int = 4096,
                  val_fraction: float = 0.05, seed: int = 0, pad_last: bool = False, max_train_bytes: int | None = 4_000_000,
+                 streaming: bool = False, num_proc: int | None = None, cache_dir: str | None = None,
                  **corpus_kwargs) -> TextData:
-    "Corpus -> document split -> tokenizer (`'bpe'`, `'byte'`, a tokenizer or a path) -> packed blocks."
-    docs = load_corpus(source, **corpus_kwargs)
+    """Corpus -> document split -> tokenizer (`'bpe'`, `'byte'`, a tokenizer or a path) -> packed blocks.
+    Token streams are cached under `cache_dir` (default: the `datasets` cache) unless streaming or caching is off."""
+    import datasets
+    docs = load_corpus(source, streaming=streaming, cache_dir=cache_dir, **corpus_kwargs)
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    if tokenizer == "bpe": tok = BPETokenizer.train(train_docs["text"], vocab_size, max_train_bytes, seed)
+    if tokenizer == "bpe":
+        texts = _first_bytes(train_docs, max_train_bytes) if streaming else train_docs["text"]
+        tok = BPETokenizer.train(texts, vocab_size, max_train_bytes, seed)
     elif tokenizer == "byte": tok = ByteTokenizer()
     elif isinstance(tokenizer, (ByteTokenizer, BPETokenizer)): tok = tokenizer
     else: tok = load_tokenizer(tokenizer)
-    train_ids, val_ids = encode_documents(tok, train_docs["text"]), encode_documents(tok, val_docs["text"])
+    token_cache = None if streaming or not datasets.is_caching_enabled() else \
+        Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "vishwamai_tokens"
+    (train_ids, n_train, _), (val_ids, n_val, val_bytes) = (
+        _encode_split(tok, d, num_proc=num_proc, cache_dir=token_cache) for d in (train_docs, val_docs))
     train = PackedBlocks(train_ids, seq_len, pad_last, pad_id=tok.eot_id)
     val = PackedBlocks(val_ids, seq_len, pad_last, pad_id=tok.eot_id)
-    info = dict(source=source, documents=(len(train_docs), len(val_docs)), tokens=(len(train_ids), len(val_ids)),
+    info = dict(source=source, documents=(n_train, n_val), tokens=(len(train_ids), len(val_ids)),
                 blocks=(len(train), len(val)), seq_len=seq_len, tokenizer=tok.kind, vocab_size=tok.vocab_size,
-                bytes_per_token=round(sum(len(t.encode("utf-8")) for t in val_docs["text"])  # separators excluded
-                                      / (len(val_ids) - len(val_docs)), 3),
+                bytes_per_token=round(val_bytes / (len(val_ids) - n_val), 3),  # separators excluded
                 unigram_nats=round(unigram_baseline(train_ids, val_ids, tok.vocab_size), 3))
     if source == "stdlib": info["python"] = platform.python_version()
     return TextData(tok, train, val, train_ids, val_ids, info)
+
+# %% ../nbs/30_data.ipynb #cb80180f
+def eval_block_indices(n_blocks: int, n: int) -> torch.Tensor:
+    "`n` block indices evenly spaced from the first block to the last (all of them when `n >= n_blocks`), in order."
+    for name, v in (("n_blocks", n_blocks), ("n", n)):
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if n >= n_blocks: return torch.arange(n_blocks)
+    return torch.arange(n) * (n_blocks - 1) // max(n - 1, 1)  # steps of at least one block: no index twice

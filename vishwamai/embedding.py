@@ -3,13 +3,12 @@
 # %% ../nbs/20_embedding.ipynb #9a4319a4
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VishwamaiConfig
+from .device import HostChecks
 
 # %% auto #0
 __all__ = ['rope_cos_sin', 'apply_rope', 'RotaryEmbedding', 'sinusoidal_positions', 'TokenEmbedding']
@@ -24,6 +23,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0)
     return angles.cos(), angles.sin()
 
 def _rotate_half(x):
+    "Turn every pair (x_i, x_{i+D/2}) a quarter turn, to (-x_{i+D/2}, x_i)."
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
@@ -33,6 +33,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     xf = x.to(dtype)
     return (xf * cos.to(dtype) + _rotate_half(xf) * sin.to(dtype)).to(x.dtype)
 
+# %% ../nbs/20_embedding.ipynb #becbaf38
 class RotaryEmbedding(nn.Module):
     "Rotary position embedding for heads of width `head_dim`: `rope(q, k, positions)` rotates both."
     def __init__(self, head_dim: int, theta: float = 10000.0):
@@ -55,11 +56,10 @@ def sinusoidal_positions(n: int, d: int, base: float = 10000.0, start: int = 0, 
     return pe
 
 # %% ../nbs/20_embedding.ipynb #c2b8d4e4
-class TokenEmbedding(nn.Module):
+class TokenEmbedding(HostChecks, nn.Module):
     "Token ids `[B, T]` → vectors `[B, T, d_model]`, plus sinusoidal positions when `cfg.pos_encoding == 'sinusoidal'`."
     def __init__(self, cfg: VishwamaiConfig):
         super().__init__()
-        self.check_ids = True  # refuse ids outside the vocabulary (one read from the device per call)
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
         nn.init.normal_(self.weight, std=cfg.init_std)
@@ -71,11 +71,12 @@ class TokenEmbedding(nn.Module):
             raise TypeError(f"TokenEmbedding: ids must be an integer tensor, got dtype {ids.dtype}")
         if ids.ndim != 2: raise ValueError(f"TokenEmbedding: ids must be [batch, seq], got shape {tuple(ids.shape)}")
         if start + ids.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"TokenEmbedding: positions {start}..{start + ids.shape[1] - 1} exceed max_seq_len={cfg.max_seq_len}")
-        # a data-dependent check reads a value back from the device: skipped on XLA, and switchable off (`check_ids`)
-        # for training loops on accelerators, whose token ids come from their own tokenizer
-        if self.check_ids and ids.device.type != "xla" and ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
-            raise ValueError(f"TokenEmbedding: ids must lie in [0, {cfg.vocab_size}), got [{ids.min().item()}, {ids.max().item()}]")
+            raise ValueError(f"TokenEmbedding: positions {start}..{start + ids.shape[1] - 1} exceed "
+                             f"max_seq_len={cfg.max_seq_len}")
+        # refusing ids outside the vocabulary reads a value back from the device (a host check: see `HostChecks`)
+        if self.checks_host(ids) and ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+            raise ValueError(f"TokenEmbedding: ids must lie in [0, {cfg.vocab_size}), got [{ids.min().item()}, "
+                             f"{ids.max().item()}]")
         x = F.embedding(ids, self.weight)  # its CPU backward sums each row in a fixed order; weight[ids]'s does not
         if cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_positions(ids.shape[1], cfg.d_model, start=start, device=ids.device).to(x.dtype)

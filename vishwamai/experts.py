@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VishwamaiConfig
+from .device import is_cpu, is_cuda, is_xla
 
 # %% auto #0
-__all__ = ['DISPATCHES', 'expert_mlp', 'SharedExpert', 'dispatch_loop', 'grouped_mm_supported', 'padded_expert_mlp',
-           'sorted_expert_mlp', 'dispatch_grouped', 'capacity_budget', 'running_max', 'CapacityState',
-           'causal_capacity_plan', 'capacity_mlp', 'dispatch_capacity', 'resolve_moe_impl', 'Experts']
+__all__ = ['DISPATCHES', 'expert_mlp', 'SharedExpert', 'dispatch_loop', 'fast_grouped_mm_gpu', 'grouped_mm_supported',
+           'padded_expert_mlp', 'sorted_expert_mlp', 'dispatch_grouped', 'capacity_budget', 'running_max',
+           'CapacityState', 'causal_capacity_plan', 'capacity_mlp', 'dispatch_capacity', 'resolve_moe_impl', 'Experts']
 
 # %% ../nbs/12_experts.ipynb #97d40177
 def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -47,13 +48,19 @@ def dispatch_loop(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates:
 # %% ../nbs/12_experts.ipynb #04a578df
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
+def fast_grouped_mm_gpu(capability: tuple) -> bool:
+    "Whether torch's CUDA grouped GEMM has its fast kernel on a GPU of this compute capability (Hopper, Blackwell datacenter)."
+    return capability[0] in (9, 10)  # elsewhere (sm_8x, sm_12x) torch loops over groups and reads the offsets back to the host
+
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     "Whether torch's grouped GEMM can multiply rows `x` with stacked weights `w` here (device, dtype, alignment)."
     if _GROUPED_MM is None or x.dtype != w.dtype: return False
     if any(s * x.element_size() % 16 for s in w.shape[1:]): return False  # rows must be 16-byte aligned
-    if x.device.type == "cuda": return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if is_cuda(x):
+        return x.dtype == torch.bfloat16 and fast_grouped_mm_gpu(torch.cuda.get_device_capability(x.device))
     # CPU runs fp32 and bf16 eagerly; torch.compile's shape function accepts bf16 only
-    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling()))
+    fp32_eager = x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    return is_cpu(x) and (x.dtype == torch.bfloat16 or fp32_eager)
 
 def padded_expert_mlp(buf: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     "All experts at once on a padded buffer `[E, C, d_e]`: two batched matmuls."
@@ -77,7 +84,8 @@ def dispatch_grouped(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gat
     N, k = idx.shape
     row_expert, order = torch.sort(idx.reshape(-1), stable=True)  # the one sort
     token = order // k
-    counts = torch.zeros(experts.num_experts, dtype=torch.long, device=u.device).scatter_add_(0, row_expert, torch.ones_like(row_expert))
+    counts = torch.zeros(experts.num_experts, dtype=torch.long, device=u.device)
+    counts.scatter_add_(0, row_expert, torch.ones_like(row_expert))
     # normalize once per token, then each row's expert scale and shift; cast back because autocast runs layer_norm in fp32
     x = F.layer_norm(u, u.shape[-1:]).index_select(0, token)
     x = (x * experts.norm_weight.index_select(0, row_expert) + experts.norm_bias.index_select(0, row_expert)).to(u.dtype)
@@ -87,7 +95,7 @@ def dispatch_grouped(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gat
 
 # %% ../nbs/12_experts.ipynb #24f66064
 def capacity_budget(tokens, top_k: int, num_experts: int, capacity_factor: float):
-    "Slots an expert may have filled after a sequence's first `tokens` tokens: ceil(capacity_factor * top_k * tokens / num_experts), exact in integers."
+    "Slots an expert may fill in the first `tokens` tokens of a sequence: ceil(capacity_factor * top_k * tokens / E), exactly."
     f = Fraction(capacity_factor).limit_denominator(1 << 16)
     p, q = f.numerator * top_k, f.denominator * num_experts
     return (tokens * p + q - 1) // q
@@ -102,7 +110,7 @@ def running_max(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 @dataclass
 class CapacityState:
-    "The causal queues of each sequence so far, carried between calls when decoding: per sequence and expert, assignments routed and dropped."
+    "Each sequence's causal queues, carried between decoding calls: per sequence and expert, assignments routed and dropped."
     routed: torch.Tensor  # [S, E] A_e
     dropped: torch.Tensor  # [S, E] D_e
 
@@ -126,7 +134,7 @@ def causal_capacity_plan(idx: torch.Tensor, num_experts: int, capacity_factor: f
 # %% ../nbs/12_experts.ipynb #ce102c7c
 def capacity_mlp(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, keep: torch.Tensor,
                  slot: torch.Tensor, C: int) -> torch.Tensor:
-    "Expert MLPs of sequences `u` `[S, T, d_e]` through fixed buffers `[E, S*C, d_e]`: assignment `idx` goes to row `slot` if `keep`."
+    "Expert MLPs of sequences `u` `[S, T, d_e]` in fixed buffers `[E, S*C, d_e]`: assignment `idx` goes to row `slot` if `keep`."
     S, T, k = idx.shape
     E, de = experts.num_experts, u.shape[-1]
     seq = torch.arange(S, device=u.device)[:, None, None]
@@ -142,7 +150,7 @@ def capacity_mlp(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: 
 
 def dispatch_capacity(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, start: int = 0,
                       state: CapacityState | None = None):
-    "Static-shape causal dispatch of sequences `u` `[S, T, d_e]`: the gated sum `[S, T, d_e]` and the fraction of assignments dropped."
+    "Static-shape causal dispatch of sequences `u` `[S, T, d_e]`: the gated sum `[S, T, d_e]` and the fraction dropped."
     keep, slot, C = causal_capacity_plan(idx, experts.num_experts, experts.capacity_factor, start, state)
     return capacity_mlp(experts, u, idx, gates, keep, slot, C), (~keep).float().mean()
 
@@ -152,7 +160,7 @@ DISPATCHES = {"loop": dispatch_loop, "grouped": dispatch_grouped, "capacity": di
 def resolve_moe_impl(impl: str, device) -> str:
     "The dispatch `impl` means on `device`: 'auto' becomes 'capacity' on XLA and 'grouped' elsewhere."
     if impl != "auto": return impl
-    return "capacity" if torch.device(device).type == "xla" else "grouped"
+    return "capacity" if is_xla(device) else "grouped"
 
 class Experts(nn.Module):
     "Routed experts with shared input/output projections, per-expert LayerNorm and dropout, stacked `[E, in, out]` weights."
@@ -173,7 +181,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto", start: int = 0,
                 state: CapacityState | None = None):
-        "Mix experts `idx` `[..., T, k]` with `gates` for tokens `x` `[..., T, d]` at positions `start..`: `[..., T, d]`, dropped fraction."
+        "Mix experts `idx` `[..., T, k]` by `gates` for `x` `[..., T, d]` at positions `start..`: output, fraction dropped."
         impl = resolve_moe_impl(impl, x.device)
         if impl not in DISPATCHES: raise ValueError(f"Experts: unknown impl {impl!r}; choose one of {('auto', *DISPATCHES)}")
         u = self.w_in(x)

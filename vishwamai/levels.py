@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange, reduce
 import torch.nn.functional as F
 
 # %% auto #0
@@ -23,7 +24,7 @@ def naive_downsample(x: torch.Tensor, r: int) -> torch.Tensor:
     "Mean of each block of `r` positions `[jr, jr + r)` of `x` `[..., T, D]`: **not causal**, kept to show the leak."
     T = x.shape[-2]
     n = _num_blocks(T, r)
-    blocks = F.pad(x, (0, 0, 0, n * r - T)).unflatten(-2, (n, r)).sum(-2)
+    blocks = reduce(F.pad(x, (0, 0, 0, n * r - T)), "... (n r) d -> ... n d", "sum", r=r)
     counts = torch.full((n, 1), float(r), dtype=x.dtype, device=x.device)
     counts[-1] = T - (n - 1) * r  # the last block may be short
     return blocks / counts
@@ -59,7 +60,7 @@ class _CausalMean(torch.autograd.Function):
         # autocast runs a plain `sum` in float32, which would hand float32 to every coarse level; given a dtype it
         # leaves the op alone, and the mean comes back in x's dtype
         acc = torch.promote_types(x.dtype, torch.float32)
-        blocks = x[..., 1: 1 + (n - 1) * r, :].unflatten(-2, (n - 1, r)).sum(-2, dtype=acc) / r
+        blocks = rearrange(x[..., 1: 1 + (n - 1) * r, :], "... (n r) d -> ... n r d", r=r).sum(-2, dtype=acc) / r
         return torch.cat([x[..., :1, :], blocks.to(x.dtype)], dim=-2)
 
     @staticmethod
@@ -68,7 +69,8 @@ class _CausalMean(torch.autograd.Function):
         r, T, n = ctx.r, ctx.T, g.shape[-2]
         gx = g.new_empty(*g.shape[:-2], T, g.shape[-1])
         gx[..., :1, :] = g[..., :1, :]
-        gx[..., 1: 1 + (n - 1) * r, :].unflatten(-2, (n - 1, r)).copy_((g[..., 1:, :] / r).unsqueeze(-2).expand(*g.shape[:-2], n - 1, r, g.shape[-1]))
+        spread = rearrange(gx[..., 1: 1 + (n - 1) * r, :], "... (n r) d -> ... n r d", r=r)  # a view of gx
+        spread.copy_((g[..., 1:, :] / r).unsqueeze(-2).expand_as(spread))
         gx[..., 1 + (n - 1) * r:, :] = 0  # positions after the last block's end
         return gx, None, None
 

@@ -64,7 +64,8 @@ def _storage_key(t: torch.Tensor):
 # %% ../nbs/32_memory.ipynb #803fadc0
 def activation_memory(model: nn.Module, input_ids: torch.Tensor) -> SavedBytes:
     "Bytes one training-mode forward pass of `model` on `input_ids` (with the LM loss) keeps for the backward pass."
-    if not isinstance(model, nn.Module): raise TypeError(f"activation_memory: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"activation_memory: model must be an nn.Module, got {type(model).__name__}")
     was_training = model.training
     model.train()
     try:
@@ -75,9 +76,11 @@ def activation_memory(model: nn.Module, input_ids: torch.Tensor) -> SavedBytes:
     return counter.result
 
 # %% ../nbs/32_memory.ipynb #f787e660
-def memory_sweep(cfg: VishwamaiConfig, seq_lens, batch_size: int = 2, device="cpu", peak: bool = True, seed: int = 0) -> list[dict]:
+def memory_sweep(cfg: VishwamaiConfig, seq_lens, batch_size: int = 2, device="cpu", peak: bool = True,
+                 seed: int = 0) -> list[dict]:
     "Saved activation bytes (and peak forward+backward bytes if `peak`) per sequence length, without and with checkpointing."
-    if not isinstance(cfg, VishwamaiConfig): raise TypeError(f"memory_sweep: cfg must be a VishwamaiConfig, got {type(cfg).__name__}")
+    if not isinstance(cfg, VishwamaiConfig):
+        raise TypeError(f"memory_sweep: cfg must be a VishwamaiConfig, got {type(cfg).__name__}")
     too_long = [t for t in seq_lens if t > cfg.max_seq_len]
     if too_long: raise ValueError(f"memory_sweep: sequence lengths {too_long} exceed max_seq_len={cfg.max_seq_len}")
     torch.manual_seed(seed)

@@ -4,22 +4,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiLevelAttention
-from .cache import AttentionCache
+from .cache import AttentionCache, KVCache
 from .config import VishwamaiConfig
+from .device import HostChecks
 from .embedding import TokenEmbedding
 from .moe import DenseFFN, MoE
 
 # %% auto #0
-__all__ = ['Block', 'VishwamaiOutput', 'Vishwamai', 'KVCache', 'next_token_loss', 'generate', 'dense_baseline']
+__all__ = ['BlockOutput', 'Block', 'VishwamaiOutput', 'Vishwamai', 'next_token_loss', 'dense_baseline']
 
 # %% ../nbs/31_model.ipynb #44032e8e
+class BlockOutput(NamedTuple):
+    "What a `Block` returns."
+    x: torch.Tensor  # [B, T, d_model]: the residual stream after the block
+    aux_loss: torch.Tensor  # scalar: the MoE layer's weighted auxiliary loss (0 for a dense FFN)
+    moe_stats: dict  # the MoE layer's load statistics ({} for a dense FFN)
+    level_weights: torch.Tensor | None  # the attention's fusion weights
+
 class Block(nn.Module):
     "One transformer block: pre-norm residual Multi-Level Attention, then MoE (or a dense FFN), then a dense FFN."
     def __init__(self, cfg: VishwamaiConfig, index: int = 0):
@@ -33,7 +43,7 @@ class Block(nn.Module):
         self.ffn = DenseFFN(d, cfg.ffn_hidden, cfg.dropout, cfg.init_std) if cfg.ffn_hidden else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache: AttentionCache | None = None):
+    def forward(self, x, cache: AttentionCache | None = None) -> BlockOutput:
         a = self.attn(self.attn_norm(x), cache)
         x = x + self.drop(a.out)
         if isinstance(self.moe, MoE):
@@ -42,7 +52,7 @@ class Block(nn.Module):
         else:
             x, aux, stats = x + self.moe(self.moe_norm(x)), x.new_zeros(()), {}
         if self.ffn is not None: x = x + self.ffn(self.ffn_norm(x))
-        return x, aux, stats, a.level_weights
+        return BlockOutput(x, aux, stats, a.level_weights)
 
 # %% ../nbs/31_model.ipynb #7e99b75c
 @dataclass
@@ -55,7 +65,7 @@ class VishwamaiOutput:
     level_weights: list = field(default_factory=list)  # per layer: the attention's level weights
 
 # %% ../nbs/31_model.ipynb #f5234df6
-class Vishwamai(nn.Module):
+class Vishwamai(HostChecks, nn.Module):
     "The Vishwamai causal language model: token embedding, `n_layers` blocks, final LayerNorm, output projection."
     def __init__(self, cfg: VishwamaiConfig):
         super().__init__()
@@ -69,10 +79,13 @@ class Vishwamai(nn.Module):
         if cfg.tie_embeddings: self.lm_head.weight = self.embed.weight
         else: nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None) -> VishwamaiOutput:
-        "Logits for `input_ids` `[B, T]`; with a `cache` (from `new_cache`), `input_ids` continue the positions it holds and it is updated."
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> VishwamaiOutput:
+        """Logits for `input_ids` `[B, T]`; with a `cache` (from `new_cache`), `input_ids` continue the positions it
+        holds and it is updated."""
         if cache is not None and len(cache.layers) != len(self.blocks):
-            raise ValueError(f"the cache has {len(cache.layers)} layers, the model {len(self.blocks)}; make it with model.new_cache()")
+            raise ValueError(f"the cache has {len(cache.layers)} layers, the model {len(self.blocks)}; make it with "
+                             "model.new_cache()")
         x = self.drop(self.embed(input_ids, start=0 if cache is None else cache.length))
         aux, stats, weights = [], [], []
         for i, block in enumerate(self.blocks):
@@ -82,12 +95,14 @@ class Vishwamai(nn.Module):
                 x, a, s, w = checkpoint(block, x, use_reentrant=False)
             else:
                 x, a, s, w = block(x)
-            aux.append(a); stats.append(s); weights.append(w)
+            aux.append(a)
+            stats.append(s)
+            weights.append(w)
         logits = self.lm_head(self.norm(x))
         aux_loss = torch.stack(aux).sum()
         loss = None
         if labels is not None:
-            _check_labels(labels, input_ids, self.cfg.vocab_size)
+            _check_labels(labels, input_ids, self.cfg.vocab_size, values=self.checks_host(labels))
             loss = next_token_loss(logits[:, :-1], labels[:, 1:]) + aux_loss
         return VishwamaiOutput(logits, loss, aux_loss, stats, weights)
 
@@ -96,43 +111,32 @@ class Vishwamai(nn.Module):
         return KVCache([AttentionCache.for_attention(block.attn) for block in self.blocks])
 
     def update_balance_biases(self, loads: list):
-        "Auxiliary-loss-free balancing: step each MoE layer's selection bias from `loads`, its per-expert token counts since the last call."
+        """Auxiliary-loss-free balancing: step each MoE layer's selection bias from `loads`, its per-expert token counts
+        since the last call."""
         for block, load in zip(self.blocks, loads):
             if isinstance(block.moe, MoE): block.moe.update_bias(load)
-
-class KVCache:
-    "Decoding state of a whole model: one `AttentionCache` per block, all at the same `length`."
-    def __init__(self, layers: list):
-        self.layers = list(layers)
-
-    @property
-    def length(self) -> int:
-        "Positions the cache holds."
-        return self.layers[0].length
-
-    def nbytes(self) -> int:
-        "Bytes held by every layer's cache."
-        return sum(layer.nbytes() for layer in self.layers)
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     "Mean cross-entropy (nats/token, in fp32) of `logits` `[B, T, V]` against aligned `targets` `[B, T]`; -100 is ignored."
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
-def _check_labels(labels, input_ids, vocab_size):
+def _check_labels(labels, input_ids, vocab_size, values: bool = True):
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point: raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    if labels.device.type != "xla":  # a data-dependent check would force a host sync on XLA
+    if values:  # a data-dependent check reads a value back from the device (a host check)
         bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
         if bad.any(): raise ValueError(f"labels must lie in [0, {vocab_size}) or be -100 (ignored); got {labels[bad][0].item()}")
 
 # %% ../nbs/31_model.ipynb #4d79dd5c
+@patch
 @torch.no_grad()
 def generate(model: Vishwamai, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
     "Sample `max_new_tokens` tokens after `input_ids` `[B, T]` (temperature 0: greedy; `top_k`: sample among the k likeliest)."
     if temperature < 0: raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size: raise ValueError(f"top_k must lie in [1, {model.cfg.vocab_size}], got {top_k}")
+    if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size:
+        raise ValueError(f"top_k must lie in [1, {model.cfg.vocab_size}], got {top_k}")
     was_training = model.training
     model.eval()
     max_len = model.cfg.max_seq_len
@@ -151,8 +155,6 @@ def generate(model: Vishwamai, input_ids: torch.Tensor, max_new_tokens: int, tem
         ids = torch.cat([ids, nxt], 1)
     model.train(was_training)
     return ids
-
-Vishwamai.generate = generate
 
 # %% ../nbs/31_model.ipynb #db343588
 def dense_baseline(cfg: VishwamaiConfig) -> VishwamaiConfig:

@@ -3,21 +3,20 @@
 # %% ../nbs/13_moe.ipynb #36cfe331
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VishwamaiConfig
+from .config import VishwamaiConfig, param_counts
+from .device import HostChecks
 from .router import Router
 from .balance import expert_load, switch_balance_loss, router_z_loss, balance_bias_step
-from .experts import Experts
+from .experts import CapacityState, Experts
 
 # %% auto #0
-__all__ = ['router_entropy', 'MoEOutput', 'MoE', 'moe_param_count', 'moe_training_bytes', 'moe_active_flops', 'DenseFFN',
-           'bench_moe', 'format_bench']
+__all__ = ['router_entropy', 'MoEOutput', 'MoE', 'moe_training_bytes', 'moe_active_flops', 'DenseFFN']
 
 # %% ../nbs/13_moe.ipynb #7b2826ef
 def router_entropy(scores: torch.Tensor) -> torch.Tensor:
@@ -32,28 +31,30 @@ class MoEOutput(NamedTuple):
     stats: dict  # tensors: load [E], dropped_fraction, router_entropy, balance_loss, z_loss
 
 # %% ../nbs/13_moe.ipynb #a47eca90
-class MoE(nn.Module):
+class MoE(HostChecks, nn.Module):
     "Mixture-of-Experts layer: two-stage router, experts with shared projections, balancing losses and load statistics."
-    def __init__(self, cfg: VishwamaiConfig, name: str = "moe", check_finite: bool = True):
+    def __init__(self, cfg: VishwamaiConfig, name: str = "moe"):
         super().__init__()
         if not isinstance(cfg, VishwamaiConfig): raise TypeError(f"MoE: cfg must be a VishwamaiConfig, got {type(cfg).__name__}")
-        self.cfg, self.name, self.check_finite = cfg, name, check_finite
+        self.cfg, self.name = cfg, name
         self.impl = cfg.moe_impl
         self.router = Router(cfg)
         self.experts = Experts(cfg)
 
-    def forward(self, x: torch.Tensor) -> MoEOutput:
+    def forward(self, x: torch.Tensor, start: int = 0, state: CapacityState | None = None) -> MoEOutput:
+        "Route tokens `x` `[..., T, d]` at positions `start..`; `state` carries the capacity queues when decoding."
         cfg = self.cfg
-        if not torch.is_floating_point(x): raise TypeError(f"MoE {self.name}: input must be a floating-point tensor, got {x.dtype}")
+        if not torch.is_floating_point(x):
+            raise TypeError(f"MoE {self.name}: input must be a floating-point tensor, got {x.dtype}")
         if x.dim() < 2 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE {self.name}: input of shape {tuple(x.shape)} must end with d_model={cfg.d_model}")
         tokens = x.reshape(-1, cfg.d_model)
         r = self.router(tokens)
-        if self.check_finite and not torch.compiler.is_compiling() and not torch.isfinite(r.logits).all():
+        if self.checks_host(r.logits) and not torch.isfinite(r.logits).all():
             raise FloatingPointError(f"MoE {self.name}: router logits are not finite (NaN or inf); the input to this layer "
                              "or the router weights have diverged")
         seq_shape = (*x.shape[:-1], cfg.top_k)  # the experts see sequences: the capacity queues are per sequence
-        out, dropped = self.experts(x, r.experts.view(seq_shape), r.gates.view(seq_shape), self.impl)
+        out, dropped = self.experts(x, r.experts.view(seq_shape), r.gates.view(seq_shape), self.impl, start, state)
         balance, z = switch_balance_loss(r.logits, r.experts), router_z_loss(r.logits)
         stats = dict(load=expert_load(r.experts, cfg.num_experts), dropped_fraction=dropped.detach(),
                      router_entropy=router_entropy(r.scores.detach()), balance_loss=balance.detach(), z_loss=z.detach())
@@ -61,22 +62,21 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor):
-        "Auxiliary-loss-free balancing: step the selection bias by `bias_update_rate` from `load`, the per-expert counts since the last call."
+        """Auxiliary-loss-free balancing: step the selection bias by `bias_update_rate` from `load`, the per-expert
+        counts since the last call."""
         if load.shape != (self.cfg.num_experts,):
             raise ValueError(f"MoE {self.name}: load must have shape ({self.cfg.num_experts},), got {tuple(load.shape)}")
         if self.cfg.bias_update_rate > 0: balance_bias_step(self.router.expert_bias, load, self.cfg.bias_update_rate)
 
 # %% ../nbs/13_moe.ipynb #e55606d9
-def moe_param_count(cfg: VishwamaiConfig) -> int:
-    "Parameters of one `MoE` layer: experts, shared projections, router and the optional shared expert."
-    one_expert = 2 * cfg.expert_dim * cfg.expert_hidden + 2 * cfg.expert_dim
-    return (cfg.num_experts + int(cfg.shared_expert)) * one_expert + 2 * cfg.d_model * cfg.expert_dim + cfg.d_model * cfg.num_experts
-
-def moe_training_bytes(cfg: VishwamaiConfig, param_bytes: int = 4, grad_bytes: int | None = None, state_bytes: int | None = None) -> int:
-    "Bytes one `MoE` layer holds in training with AdamW: weights, gradients and two moments (gradients and moments default to the weights' size)."
+def moe_training_bytes(cfg: VishwamaiConfig, param_bytes: int = 4, grad_bytes: int | None = None,
+                       state_bytes: int | None = None) -> int:
+    """Bytes one `MoE` layer holds in training with AdamW: weights, gradients and two moments (gradients and moments
+    default to the weights' size)."""
     grad_bytes = param_bytes if grad_bytes is None else grad_bytes
     state_bytes = param_bytes if state_bytes is None else state_bytes
-    return moe_param_count(cfg) * (param_bytes + grad_bytes + 2 * state_bytes)
+    per_layer = param_counts(cfg)["moe"] // cfg.n_layers  # experts, shared projections, router (and shared expert)
+    return per_layer * (param_bytes + grad_bytes + 2 * state_bytes)
 
 # %% ../nbs/13_moe.ipynb #5d7b1d1b
 def moe_active_flops(cfg: VishwamaiConfig) -> int:
@@ -92,52 +92,3 @@ class DenseFFN(nn.Module):
         for lin in (self.up, self.down): nn.init.normal_(lin.weight, std=init_std)
         self.drop = nn.Dropout(dropout)
     def forward(self, x): return self.drop(self.down(F.gelu(self.up(x))))
-
-def bench_moe(experts=(8, 64), tokens: int = 16384, d_model: int = 1024, hidden: int = 1408, top_k: int = 2,
-              dtype=torch.bfloat16, device=None, impls=("loop", "grouped", "capacity", "dense"),
-              capacity_factor: float = 1.25, warmup: int = 2, repeats: int = 5, verbose: bool = True) -> list:
-    "Time fwd+bwd of the MoE layer per dispatch and of a dense FFN with equal active FLOPs; returns rows (dicts), prints a table."
-    from vishwamai.timing import benchmark, environment
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    env, rows = environment(device), []
-    for E in experts:
-        cfg = VishwamaiConfig(d_model=d_model, num_experts=E, top_k=top_k, expert_dim=d_model, expert_hidden=hidden,
-                              capacity_factor=capacity_factor)
-        flops = moe_active_flops(cfg)
-        torch.manual_seed(0)
-        x = torch.randn(1, tokens, d_model, device=device, dtype=dtype, requires_grad=True)
-        for impl in impls:
-            if impl == "dense":
-                layer = DenseFFN(d_model, max(64, round(flops / (4 * d_model) / 64) * 64)).to(device, dtype)
-                run = lambda: layer(x)
-                dropped = 0.0
-            else:
-                layer = MoE(replace(cfg, moe_impl=impl), check_finite=False).to(device, dtype)
-                run = lambda: layer(x)
-                dropped = float(layer(x).stats["dropped_fraction"])
-            def step():
-                layer.zero_grad(set_to_none=True); x.grad = None
-                r = run()
-                (r.sum() if impl == "dense" else r.out.sum() + r.aux_loss).backward()
-            t = benchmark(step, warmup=warmup, repeats=repeats, device=device)
-            rows.append(dict(experts=E, impl=impl, tokens=tokens, d_model=d_model, hidden=hidden, top_k=top_k,
-                             dtype=str(dtype).replace("torch.", ""), ms=t.median * 1e3, ms_q1=t.q1 * 1e3, ms_q3=t.q3 * 1e3,
-                             tokens_per_s=tokens / t.median, tflops=3 * flops * tokens / t.median / 1e12,
-                             dropped=dropped, **env))
-            del layer
-    if verbose: print(format_bench(rows))
-    return rows
-
-def format_bench(rows: list) -> str:
-    "A plain-text table of `bench_moe` rows, with each time's ratio to the loop and to the dense FFN of the same case."
-    env = rows[0]
-    lines = [f"MoE dispatch, fwd+bwd: T={env['tokens']} d={env['d_model']} h={env['hidden']} top-{env['top_k']} {env['dtype']}"
-             f" | {env['device']} | torch {env['torch']} | {env['date']}",
-             f"{'experts':>7} {'impl':>9} {'median ms':>10} {'IQR ms':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'dropped':>8} {'loop/this':>9} {'this/dense':>10}"]
-    for r in rows:
-        case = {q["impl"]: q["ms"] for q in rows if q["experts"] == r["experts"]}
-        vs_loop = f"{case['loop'] / r['ms']:.1f}x" if "loop" in case else "-"
-        vs_dense = f"{r['ms'] / case['dense']:.2f}x" if "dense" in case else "-"
-        lines.append(f"{r['experts']:>7} {r['impl']:>9} {r['ms']:>10.2f} {r['ms_q3'] - r['ms_q1']:>8.2f} {r['tokens_per_s']:>10,.0f}"
-                     f" {r['tflops']:>8.3f} {r['dropped']:>8.1%} {vs_loop:>9} {vs_dense:>10}")
-    return "\n".join(lines)
