@@ -8,7 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
 
+from vishwamai import attention
 from vishwamai.attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl, sliding_window_block_mask
 from vishwamai.bench import bench_attention
 from vishwamai.config import VishwamaiConfig, param_counts
@@ -26,6 +28,7 @@ def _module(impl, **kw):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kw", [{}, {"fusion": "static"}, {"attention": "full"}])
 @pytest.mark.exact
+@torch.no_grad()  # values only (torch >= 2.13 runs FlexAttention on the CPU only without gradients)
 def test_future_perturbation_bit_for_bit(impl, kw):
     "Exact: every product has the same shape whatever the later values are, so each row is rounded the same way."
     m = _module(impl, **kw).eval()
@@ -69,6 +72,7 @@ def _out_and_grads(m, x):
 @pytest.mark.parametrize("impl", ["xla", "flex"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_kernels_agree_with_the_reference_forward_and_backward(impl, dtype, tol):
+    if impl == "flex" and not attention._flex_cpu_backward(): pytest.skip(f"torch {torch.__version__} has no FlexAttention backward on the CPU")
     ref, other = _module("reference").to(dtype), _module(impl).to(dtype)
     other.load_state_dict(ref.state_dict())
     x = torch.randn(2, 45, 32, dtype=dtype)
@@ -203,3 +207,61 @@ def test_bench_attention_returns_rows():
     for r in rows:
         assert r["full_ms"] > 0 and r["multilevel_ms"] > 0 and r["speedup"] > 0
         assert r["full_peak_mb"] > 0 and r["multilevel_peak_mb"] > 0
+
+
+needs_flex_cpu_backward = pytest.mark.skipif(not attention._flex_cpu_backward(),
+                                             reason=f"torch {torch.__version__} has no FlexAttention backward on the CPU")
+LENGTHS = (37, 64, 100, 129, 200, 255, 256, 300, 400, 513, 600, 777)  # 12 lengths, 1 to 7 FlexAttention blocks
+
+
+def _flex_vs_reference(run, T):
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(1, 2, T, 8, requires_grad=True) for _ in range(3))
+    weights = torch.rand(1, T, 2, 3).softmax(-1)
+    args = (q, k, v, (1, 2, 4), (16, 8, None), weights)
+    got, want = run(*args, "flex"), multilevel_attention(*args, "reference")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)  # float32 sums in another order
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (got, want)]
+    for g, w in zip(*grads): torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5)
+
+
+@needs_flex_cpu_backward
+def test_compiled_flex_path_compiles_a_bounded_number_of_times_across_lengths(monkeypatch):
+    # the path CUDA takes (compiled FlexAttention, pooling and fusion), run on the CPU with a compile-counting backend
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw, backend=counter))
+    monkeypatch.setattr(attention, "_fused", lambda t: True)
+    attention._compiled.cache_clear()
+    counts = []
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):  # count every compile: the default limit of 8 would hide them
+            for T in LENGTHS:
+                _flex_vs_reference(multilevel_attention, T)
+                counts.append(counter.frame_count)
+    finally: attention._compiled.cache_clear()
+    assert counts[-1] <= 8 and counts[-1] == counts[-8], counts  # few graphs, and no new one for the last 8 lengths
+
+
+@needs_flex_cpu_backward
+def test_block_mask_stays_out_of_a_whole_compiled_graph():
+    graph_ops = []
+    def backend(gm, example_inputs):
+        graph_ops.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+    run = torch.compile(multilevel_attention, backend=backend)  # default dynamic: shapes turn dynamic at the 2nd length
+    with torch._dynamo.config.patch(recompile_limit=64):
+        counts = []
+        for T in LENGTHS:
+            _flex_vs_reference(run, T)
+            counts.append(len(graph_ops))
+    assert counts[-1] == counts[-8], counts
+    assert not any("argsort" in op for ops in graph_ops for op in ops)  # the mask's construction never entered a graph
+
+
+def test_flex_backward_on_a_cpu_torch_without_it_names_the_fix(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    q, k, v = (torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="attn_impl='xla'"):
+        multilevel_attention(q, k, v, (1,), (8,), torch.ones(1, 40, 2, 1), "flex")
+    q, k, v = (t.detach() for t in (q, k, v))
+    multilevel_attention(q, k, v, (1,), (8,), torch.ones(1, 40, 2, 1), "flex")  # without gradients it runs

@@ -1,10 +1,14 @@
 "Causal levels: pooling, the dependency pattern of each level, future perturbation, cost accounting."
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from vishwamai.embedding import RotaryEmbedding
 from vishwamai.levels import (attention_flops, causal_downsample, causal_level, level_attention, level_mask,
-                              level_pairs, naive_downsample, upsample, visible_tokens)
+                              level_pairs, naive_downsample, pool_level, upsample, visible_tokens)
 
 
 @pytest.mark.parametrize("r", [1, 2, 4, 8])
@@ -71,3 +75,48 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="empty sequence"): causal_downsample(x[:0], 2)
     with pytest.raises(ValueError, match="window"): level_mask(4, -1)
     with pytest.raises(ValueError, match="one window per level"): attention_flops(8, 4, (1, 2), (None,))
+
+
+# CUDA autocast's float32 policy, from torch's autocast op lists: the reductions below run in float32 on a CUDA device
+# unless the call names a dtype, and the element-wise ops below always do. CPU autocast upcasts none of them, so the
+# policy is emulated here at the dispatcher, where autocast itself acts.
+_FP32_UNLESS_DTYPE = {"sum", "prod", "cumsum", "cumprod", "_softmax", "_log_softmax", "linalg_vector_norm"}
+_FP32_ALWAYS = {"exp", "expm1", "log", "log1p", "log2", "log10", "pow", "reciprocal", "rsqrt", "logsumexp",
+                "native_layer_norm", "native_group_norm", "norm", "cdist", "softplus"}
+
+
+class CudaAutocastFloat32Policy(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        low = lambda t: isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+        if name in _FP32_ALWAYS or (name in _FP32_UNLESS_DTYPE and kwargs.get("dtype") is None):
+            args, kwargs = tree_map(lambda t: t.float() if low(t) else t, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def test_the_emulated_cuda_policy_upcasts_a_plain_sum():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with CudaAutocastFloat32Policy():
+        assert x.sum(-1).dtype == torch.float32 and x.unflatten(-1, (2, 4)).mean(-1).dtype == torch.bfloat16
+        assert x.sum(-1, dtype=torch.float32).to(x.dtype).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_pooling_keeps_the_input_dtype_under_any_autocast(dtype, r):
+    x = torch.randn(2, 3, 19, 8).to(dtype)
+    rope = RotaryEmbedding(8)
+    low = torch.float16 if dtype == torch.float16 else torch.bfloat16
+    for ctx in (contextlib.nullcontext, lambda: torch.autocast("cpu", dtype=low), CudaAutocastFloat32Policy):
+        with ctx():
+            assert causal_downsample(x, r).dtype == dtype
+            assert {t.dtype for t in pool_level(x, x, x, r, rope)} == {dtype}
+
+
+@pytest.mark.exact
+def test_low_precision_pooling_is_the_float32_mean_rounded_once():
+    "Exact at r = 2: bf16 values are exact in float32, a sum of two does not depend on the order of its terms, / 2 is exact."
+    x = torch.randn(2, 3, 19, 8).bfloat16()
+    assert torch.equal(causal_downsample(x, 2), causal_downsample(x.float(), 2).bfloat16())
+    torch.testing.assert_close(causal_downsample(x, 4), causal_downsample(x.float(), 4).bfloat16(), rtol=0.008, atol=0)

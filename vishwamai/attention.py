@@ -13,6 +13,7 @@ from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.torch_version import TorchVersion
 
 from .config import VishwamaiConfig
 from .device import is_cuda, is_xla
@@ -40,19 +41,35 @@ def _chunk_mask(c: int, window: int, m: int, device) -> torch.Tensor:
     first = visible & (j >= c)  # chunk 0 has no previous chunk
     return torch.cat([first[None], visible[None].expand(m - 1, c, 2 * c)], dim=0)
 
+class _WithPrevious(torch.autograd.Function):
+    "Chunks `[..., m, c, D]` → `[..., m, 2c, D]`: each chunk after the one before it (zeros before chunk 0)."
+    @staticmethod
+    def forward(ctx, t):
+        c = t.shape[-2]
+        out = t.new_empty(*t.shape[:-2], 2 * c, t.shape[-1])
+        out[..., 0, :c, :] = 0
+        out[..., 1:, :c, :] = t[..., :-1, :, :]
+        out[..., c:, :] = t
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # each chunk's gradient: as itself, plus as the previous chunk of the next one
+        c = g.shape[-2] // 2
+        gt = g[..., c:, :].clone()
+        gt[..., :-1, :, :] += g[..., 1:, :c, :]
+        return gt
+
 def blocked_local_attention(q, k, v, window: int, dropout_p: float = 0.0) -> torch.Tensor:
-    "Causal sliding-window attention as dense matmuls over chunks of `window` (static shapes): `[B, H, n, D]`."
-    n, D = q.shape[-2:]
-    c = window
-    m = -(-n // c)
-    def chunks(t): return rearrange(F.pad(t, (0, 0, 0, m * c - n)), "... (m c) d -> ... m c d", c=c)
-    def with_previous(t): return torch.cat([F.pad(t, (0, 0, 0, 0, 1, 0))[..., :-1, :, :], t], dim=-2)  # [B, H, m, 2c, D]
-    qc, kk, vv = chunks(q), with_previous(chunks(k)), with_previous(chunks(v))
-    scores = qc @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, m, c, 2c]
-    scores = scores.masked_fill(~_chunk_mask(c, window, m, q.device), float("-inf"))
-    probs = scores.softmax(dim=-1)
-    if dropout_p > 0: probs = F.dropout(probs, dropout_p)
-    return rearrange(probs @ vv, "... m c d -> ... (m c) d")[..., :n, :]
+    "Causal sliding-window attention as one batched SDPA over chunks of `window` queries (static shapes): `[..., n, D]`."
+    *lead, n, D = q.shape
+    c, m = window, -(-n // window)
+    def chunks(t): return rearrange(t if m * c == n else F.pad(t, (0, 0, 0, m * c - n)), "... (m c) d -> ... m c d", c=c)
+    # batch and heads merge into one dim and the chunks act as SDPA's heads; SDPA fuses scaling, mask and softmax,
+    # and on the CPU its flash kernel recomputes them in the backward pass instead of storing [m, c, 2c] probabilities
+    qc, kk, vv = (t.flatten(0, -4) for t in (chunks(q), _WithPrevious.apply(chunks(k)), _WithPrevious.apply(chunks(v))))
+    mask = _chunk_mask(c, window, m, q.device)[None]
+    out = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask, dropout_p=dropout_p)
+    return rearrange(out.unflatten(0, lead), "... m c d -> ... (m c) d")[..., :n, :]
 
 # %% ../nbs/23_attention.ipynb #790ee0d5
 def _on_tpu(t: torch.Tensor) -> bool:
@@ -99,15 +116,34 @@ def sliding_window_block_mask(n: int, window: int, block_size: int = FLEX_BLOCK_
     return BlockMask.from_kv_blocks(*_block_indices(some & ~full), *_block_indices(full),
                                     BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(n, n))
 
+# %% ../nbs/23_attention.ipynb #7c4e2b90
 @functools.cache
 def _compiled(fn):
-    "`fn` compiled for CUDA (one compiled copy per function)."
-    return torch.compile(fn, dynamic=False)
+    "`fn` compiled with dynamic shapes: one graph for every sequence length (one copy per function)."
+    return torch.compile(fn, dynamic=True)
 
+def _fused(t: torch.Tensor) -> bool:
+    "Whether FlexAttention and its glue run compiled (fused) for tensors like `t`."
+    return is_cuda(t)
+
+# Dynamo ignores `lru_cache` and would trace the mask's construction into the graph, to run at every step; run
+# outside the graph, the cached mask reaches the kernel as an input (inside a larger compiled graph: after a break)
+_cached_block_mask = torch.compiler.disable(sliding_window_block_mask)
+
+def _flex_cpu_backward() -> bool:
+    "Whether this torch has FlexAttention's backward pass on the CPU (torch 2.13 removed it)."
+    return TorchVersion(torch.__version__) < (2, 13)
+
+# %% ../nbs/23_attention.ipynb #9d1f6e37
 def _flex(q, k, v, block_mask):
-    if q.is_cuda: return _compiled(flex_attention)(q, k, v, block_mask=block_mask)
+    if _fused(q): return _compiled(flex_attention)(q, k, v, block_mask=block_mask)
+    if torch.compiler.is_compiling(): return flex_attention(q, k, v, block_mask=block_mask)
     # Off CUDA, flex_attention runs unfused (it warns so), through an internal eager-backend trace. We use it only
     # to check masks, on many small shapes: static shapes retrace in ~0.2 s each, a dynamic-shape retrace takes ~10 s.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and q.device.type == "cpu" and not _flex_cpu_backward():
+        raise NotImplementedError(f"attn_impl='flex': torch {torch.__version__} has no FlexAttention backward on the CPU; "
+                                  "train on the CPU with attn_impl='xla' (or 'reference')")
     with warnings.catch_warnings(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask)
@@ -118,7 +154,7 @@ def flex_level(q, k, v, window: Optional[int], dropout_p: float = 0.0) -> torch.
         raise ValueError("attn_impl='flex': FlexAttention has no attention dropout; use dropout=0 or attn_impl='xla'")
     n = q.shape[-2]
     if window is None or window >= n: return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return _flex(q, k, v, sliding_window_block_mask(n, window, FLEX_BLOCK_SIZE, str(q.device)))
+    return _flex(q, k, v, _cached_block_mask(n, window, FLEX_BLOCK_SIZE, str(q.device)))
 
 # %% ../nbs/23_attention.ipynb #28e8db43
 LEVEL_KERNELS = {"reference": reference_level, "flex": flex_level, "xla": xla_level}
@@ -136,7 +172,7 @@ def multilevel_attention(q, k, v, factors=(1,), windows=(None,), weights: Option
     """Causal multi-level attention of heads `q`, `k`, `v` `[B, H, T, D]`; `weights` `[B, T, H, L]` mix the levels (None:
     one level)."""
     kernel = LEVEL_KERNELS[impl]
-    pool, fuse = (_compiled(pool_level), _compiled(fuse_levels)) if impl == "flex" and q.is_cuda else (pool_level, fuse_levels)
+    pool, fuse = (_compiled(pool_level), _compiled(fuse_levels)) if impl == "flex" and _fused(q) else (pool_level, fuse_levels)
     levels = [kernel(*pool(q, k, v, r, rope), w, dropout_p) for r, w in zip(factors, windows)]
     if weights is None:
         if len(levels) != 1 or factors[0] != 1:

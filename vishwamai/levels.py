@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import reduce
+from einops import rearrange, reduce
 import torch.nn.functional as F
 
 # %% auto #0
@@ -51,16 +51,33 @@ def level_attention(q, k, v, window: int | None = None, dropout_p: float = 0.0) 
     return probs @ v
 
 # %% ../nbs/21_levels.ipynb #e6e03349
+class _CausalMean(torch.autograd.Function):
+    "Block means of `x` `[..., T, D]`: block 0 is position 0, block j >= 1 averages positions (j-1)r+1 .. jr."
+    @staticmethod
+    def forward(ctx, x, r: int, n: int):
+        ctx.r, ctx.T = r, x.shape[-2]
+        # the blocks after 0 are blocks of r of x[1:], read as a view. The sum names its accumulation dtype: CUDA
+        # autocast runs a plain `sum` in float32, which would hand float32 to every coarse level; given a dtype it
+        # leaves the op alone, and the mean comes back in x's dtype
+        acc = torch.promote_types(x.dtype, torch.float32)
+        blocks = rearrange(x[..., 1: 1 + (n - 1) * r, :], "... (n r) d -> ... n r d", r=r).sum(-2, dtype=acc) / r
+        return torch.cat([x[..., :1, :], blocks.to(x.dtype)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, g):
+        # written once into one buffer: autograd's own backward of the two slices zero-fills and adds two full copies
+        r, T, n = ctx.r, ctx.T, g.shape[-2]
+        gx = g.new_empty(*g.shape[:-2], T, g.shape[-1])
+        gx[..., :1, :] = g[..., :1, :]
+        spread = rearrange(gx[..., 1: 1 + (n - 1) * r, :], "... (n r) d -> ... n r d", r=r)  # a view of gx
+        spread.copy_((g[..., 1:, :] / r).unsqueeze(-2).expand_as(spread))
+        gx[..., 1 + (n - 1) * r:, :] = 0  # positions after the last block's end
+        return gx, None, None
+
 def causal_downsample(x: torch.Tensor, r: int) -> torch.Tensor:
     "Causal pooling of `x` `[..., T, D]` into `ceil(T/r)` blocks: block j is the mean of positions `jr-r+1 .. jr` (those >= 0)."
-    T = x.shape[-2]
-    n = _num_blocks(T, r)
-    # shift right by r-1 (zeros in front); the n blocks then end at positions 0, r, 2r, ..., (n-1)r <= T-1,
-    # so nothing past the input is ever needed: no padding at the end, any length T works
-    shifted = F.pad(x, (0, 0, r - 1, 0))[..., : n * r, :]
-    counts = torch.full((n, 1), float(r), dtype=x.dtype, device=x.device)
-    counts[0] = 1  # block 0 holds only position 0
-    return reduce(shifted, "... (n r) d -> ... n d", "sum", r=r) / counts
+    # shifted right by r-1, block 0 holds position 0 alone and the blocks end at 0, r, ..., (n-1)r <= T-1: any T works
+    return _CausalMean.apply(x, r, _num_blocks(x.shape[-2], r))
 
 def level_positions(T: int, r: int, device=None) -> torch.Tensor:
     "The position each pooled token of a length-`T` sequence stands for: its newest input, `j * r`."
