@@ -20,6 +20,7 @@ from .device import is_cuda, is_xla
 from .embedding import RotaryEmbedding
 from .fusion import fuse_levels, level_fusion
 from .levels import level_attention, pool_level
+from .xla import use_pallas_flash
 
 # %% auto #0
 __all__ = ['FLEX_BLOCK_SIZE', 'LEVEL_KERNELS', 'reference_level', 'blocked_local_attention', 'xla_level',
@@ -81,7 +82,7 @@ def _on_tpu(t: torch.Tensor) -> bool:
 
 def _global_causal(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
     "Global causal attention: Pallas flash attention on a TPU where it applies, SDPA elsewhere."
-    if dropout_p == 0 and _on_tpu(q) and q.shape[-2] % 128 == 0:
+    if use_pallas_flash(q.shape[-2], q.shape[-1], on_tpu=_on_tpu(q), dropout_p=dropout_p):
         from torch_xla.experimental.custom_kernel import flash_attention
         return flash_attention(q, k, v, causal=True, sm_scale=1 / math.sqrt(q.shape[-1]))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)

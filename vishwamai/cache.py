@@ -87,7 +87,9 @@ class LevelCache:
                 self.pending[..., phase - 1: phase, :] = torch.stack([q, k, v])
                 return self.out
             # a block completes at t: the waiting r - 1 positions and t, summed as causal_downsample sums them
-            q, k, v = (torch.cat([p, x], dim=-2).sum(-2, keepdim=True) / (1 if t == 0 else r)
+            # the sum names its accumulation dtype (CUDA autocast would run a plain sum in float32)
+            acc = torch.promote_types(q.dtype, torch.float32)
+            q, k, v = ((torch.cat([p, x], dim=-2).sum(-2, keepdim=True, dtype=acc) / (1 if t == 0 else r)).to(x.dtype)
                        for p, x in zip(self.pending, (q, k, v)))
         if rope is not None: q, k = rope(q, k, torch.tensor([t]).to(q.device))
         self._append(k, v)
