@@ -146,3 +146,27 @@ def test_train_benchmark_times_the_training_loops_own_step(monkeypatch):
     assert [r["status"] for r in rows] == ["ok", "ok"]
     # warm-up and timed calls, for Vishwamai and for the dense baseline; clipping on, balancing on for the MoE model only
     assert calls == [(1.0, True, (1, 2, 32))] * 3 + [(1.0, False, (1, 2, 32))] * 3
+
+
+def test_benchmark_refuses_to_time_cuda_work_without_synchronizing(monkeypatch):
+    from vishwamai.timing import benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(ValueError, match="pass device="): benchmark(lambda: None)
+    assert benchmark(lambda: None, device="cpu", repeats=1).median >= 0  # naming the device is the fix
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 NVL", 835e12),
+                                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H200", 989.4e12)])
+def test_gpu_peaks_tell_the_variants_apart(monkeypatch, name, peak):
+    from vishwamai.bench import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda"))[0] == peak
+
+
+def test_a_sweep_keeps_batch_times_length_fixed():
+    from vishwamai.bench import bench_attention, bench_train
+    with pytest.raises(ValueError, match="give at least 8192 tokens per step"):
+        bench_attention(seq_lens=(4096, 8192), batch_tokens=4096, device="cpu")
+    with pytest.raises(ValueError, match="give at least 512 tokens per step"):
+        bench_train(seq_lens=(256, 512), batch_tokens=256, device="cpu")

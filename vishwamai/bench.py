@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl
 from .checkpoint import write_atomic
 from .config import VishwamaiConfig, param_counts
-from .device import default_device, disable_host_checks, is_cpu, is_cuda, resolve_precision
+from .device import default_device, disable_host_checks, is_cpu, is_cuda, is_xla, resolve_precision
 from .model import Vishwamai, dense_baseline, next_token_loss
 from .moe import DenseFFN, MoE, moe_active_flops
 from .router import Router
@@ -24,10 +24,10 @@ from .timing import benchmark, environment, peak_memory
 from .train import TrainConfig, make_trainer, train_step
 
 # %% auto #0
-__all__ = ['GPU_PEAK_BF16', 'SUITES', 'activation_elems_per_token', 'train_step_bytes', 'memory_formulas', 'format_memory',
-           'causal_pairs', 'attention_pairs', 'train_flops_per_token', 'peak_flops', 'run_guarded', 'available_memory',
-           'bench_moe', 'format_bench', 'bench_attention', 'bench_train', 'Suite', 'write_json_atomic', 'format_rows',
-           'plot_results', 'run_suite', 'run_suites']
+__all__ = ['MFU_CONVENTION', 'GPU_PEAK_BF16', 'TPU_PEAK_BF16', 'SUITES', 'activation_elems_per_token', 'train_step_bytes',
+           'memory_formulas', 'format_memory', 'causal_pairs', 'attention_pairs', 'train_flops_per_token', 'peak_flops',
+           'run_guarded', 'available_memory', 'bench_moe', 'format_bench', 'bench_attention', 'bench_train', 'Suite',
+           'write_json_atomic', 'format_rows', 'plot_results', 'run_suite', 'run_suites']
 
 # %% ../nbs/50_bench.ipynb #a0b8b3f7
 def activation_elems_per_token(cfg: VishwamaiConfig, seq_len: int) -> int:
@@ -132,6 +132,9 @@ def attention_pairs(cfg: VishwamaiConfig, seq_len: int) -> int:
     if cfg.attention != "multilevel": return causal_pairs(seq_len)
     return sum(causal_pairs(-(-seq_len // r), w) for r, w in zip(cfg.level_factors, cfg.level_windows))
 
+MFU_CONVENTION = ("model FLOPs: 3x the forward matmuls, causal attention counting only its visible (query, key) pairs "
+                  "(half of N^2 for full attention); recomputation and padding not counted")
+
 def train_flops_per_token(cfg: VishwamaiConfig, seq_len: int) -> float:
     "Model FLOPs per token of one training step (3× forward: matmuls over active weights, plus visible attention pairs)."
     d = cfg.d_model
@@ -143,7 +146,10 @@ def train_flops_per_token(cfg: VishwamaiConfig, seq_len: int) -> float:
     return 3 * (2 * matmul + 4 * d * cfg.n_layers * attention_pairs(cfg, seq_len) / seq_len)
 
 # %% ../nbs/50_bench.ipynb #4adcb6a2
-GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
+# dense bf16 tensor-core FLOP/s from the data sheets; a name is matched before any name it contains ("H100 NVL" before "H100")
+GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12,
+                 "A100": 312e12, "L4": 121e12}
+TPU_PEAK_BF16 = {"v6 lite": 918e12, "v6e": 918e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12, "v4": 275e12}
 
 @functools.lru_cache(maxsize=8)
 def _cpu_matmul_rate() -> float:
@@ -158,6 +164,12 @@ def peak_flops(device=None) -> tuple:
         for key, flops in GPU_PEAK_BF16.items():  # "H100 PCIe" is listed before "H100"
             if key in name: return flops, f"data sheet: {key} dense bf16"
         return None, f"unknown GPU {name!r}: no peak listed"
+    if is_xla(device):
+        import torch_xla.runtime as xr
+        kind = str(xr.global_runtime_device_attributes()[0].get("type", "")).lower()  # e.g. "tpu v5 lite"
+        for key, flops in TPU_PEAK_BF16.items():
+            if key in kind: return flops, f"data sheet: TPU {key} bf16"
+        return None, f"XLA device {kind or device!s}: no peak listed"
     if not is_cpu(device): return None, f"no peak listed for {device.type}"
     return _cpu_matmul_rate(), "measured: 1024×1024 fp32 matmul on this CPU"
 
@@ -242,8 +254,11 @@ def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_head
     factors = tuple(2 ** i for i in range(len(windows)))
     flash_only = is_cuda(device)
     rows = []
+    if max(seq_lens) > batch_tokens:  # batch x N must stay fixed across the sweep, so every length needs one whole sequence
+        raise ValueError(f"bench_attention: batch_tokens={batch_tokens} is shorter than N={max(seq_lens)}; "
+                         f"give at least {max(seq_lens)} tokens per step")
     for N in seq_lens:
-        B = max(1, batch_tokens // N)
+        B = batch_tokens // N
         q, k, v = (torch.randn(B, n_heads, N, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         weights = torch.randn(B, N, n_heads, len(windows), device=device).softmax(-1).requires_grad_()
         def full():
@@ -299,14 +314,17 @@ def bench_train(preset: str = "tiny", seq_lens=(128, 256, 512), batch_tokens: in
                              f"(the coarsest level pools by {base.level_factors[-1]})")
     if memory_limit is None and is_cpu(device): memory_limit = int(0.8 * available_memory(device))
     peak, peak_source = peak_flops(device)
+    if max(seq_lens) > batch_tokens:  # batch x N stays fixed across the sweep
+        raise ValueError(f"bench_train: batch_tokens={batch_tokens} is shorter than N={max(seq_lens)}; "
+                         f"give at least {max(seq_lens)} tokens per step")
     rows = []
     for N in seq_lens:
-        B = max(1, batch_tokens // N)
+        B = batch_tokens // N
         for name, cfg in (("vishwamai", base), ("dense", dense_baseline(base))):
             cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, N))
             flops = train_flops_per_token(cfg, N)
             row = dict(N=N, model=name, batch=B, active_params=param_counts(cfg)["active"], flops_per_token=flops,
-                       peak_flops=peak, peak_source=peak_source, status="ok")
+                       peak_flops=peak, peak_source=peak_source, flops_convention=MFU_CONVENTION, status="ok")
             need = train_step_bytes(cfg, B, N, act_bytes=4 if precision == "fp32" else 2)
             def measure():
                 if memory_limit is not None and need > memory_limit:
@@ -342,7 +360,7 @@ SUITES = {
                           repeats=5),
                  cpu=dict(experts=(8, 64), tokens=1024, d_model=128, hidden=256, top_k=2, dtype="float32", warmup=1, repeats=3)),
     "attention": Suite(bench_attention, sweep="seq_lens",
-                       gpu=dict(seq_lens=(16384, 32768, 65536), batch_tokens=32768, n_heads=16, head_dim=64,
+                       gpu=dict(seq_lens=(16384, 32768, 65536), batch_tokens=65536, n_heads=16, head_dim=64,
                                 windows=(512, 256, None), dtype="bfloat16", warmup=3, repeats=10),
                        cpu=dict(seq_lens=(512, 1024, 2048), batch_tokens=4096, n_heads=4, head_dim=32,
                                 windows=(64, 32, None), dtype="float32", warmup=1, repeats=5)),

@@ -54,6 +54,9 @@ def _quantile(xs, q):
 def benchmark(fn, *, warmup: int = 2, repeats: int = 10, device=None) -> Timing:
     "Time `fn()` after `warmup` calls: each of `repeats` calls is synchronized on `device` before and after."
     if warmup < 0 or repeats < 1: raise ValueError(f"benchmark: need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    if device is None and torch.cuda.is_available() and torch.cuda.is_initialized():  # the mistake this chapter is about
+        raise ValueError("benchmark: CUDA is in use in this process, so pass device= (e.g. device='cuda'): without it the "
+                         "timer would not synchronize and would measure kernel launches, not work")
     for _ in range(warmup): fn()
     times = []
     for _ in range(repeats):
