@@ -92,7 +92,8 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, train_config, opt=None
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and not isinstance(e, OSError):  # torch reports a full disk as a RuntimeError
-            raise OSError(f"{e} ({shutil.disk_usage(ckpts).free:,} bytes free)") from e
+            free = shutil.disk_usage(ckpts).free
+            raise OSError(f"writing failed, is the disk full? {free:,} bytes are free there ({type(e).__name__}: {e})") from e
         raise
     for stale in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and p != final)[:-(keep - 1) or None]:
         shutil.rmtree(stale)
@@ -182,8 +183,8 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(self.run_dir / ".lock", "a")
         except OSError as e:
-            raise OSError(f"cannot write to the output folder {self.run_dir} ({e.strerror or e}); "
-                          "choose another folder") from None
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+            raise OSError(f"cannot write to the output folder {self.run_dir} ({why}); choose another folder") from None
         try: import fcntl  # POSIX; elsewhere runs are not locked
         except ImportError: return self
         try: fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -345,9 +345,10 @@ def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, 
     step_fn = compile_step(train_step, t.device)  # one XLA graph per step; the plain function elsewhere
     batches = device_loader(step_batches(data.train, tc, start, end), t.device)  # background transfer on XLA
     t.model.train()
-    bar = tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step")
     t0, paused, tokens = time.perf_counter(), 0.0, 0
-    with StopOnSignal() as stop:
+    # the bar closes before any error message is printed: its last line must not follow the message
+    with tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step") as bar, \
+         StopOnSignal() as stop:
         for step, (xs, ys) in zip(range(start, end), batches):
             try: log.append(step_fn(t, xs, ys))
             except FloatingPointError as e: raise TrainingDiverged.at(f"at step {step + 1}: {e}", last_good) from e
@@ -368,7 +369,6 @@ def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, 
             if stop.signum:
                 bar.write(f"interrupted by {signal.Signals(stop.signum).name} after step {done}: saved {last_good}")
                 break
-    bar.close()
     elapsed = time.perf_counter() - t0 - paused
     return dict(history=history, checkpoint=last_good, tokens_per_s=tokens / elapsed if elapsed > 0 else float("nan"),
                 val_loss=history["val"][-1][1] if history["val"] else None, unigram=history["unigram"], data=data,
@@ -394,6 +394,7 @@ def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None
         history, start = dict(loss=[], aux=[], lr=[], val=[], unigram=data.info.get("unigram_nats")), 0
         if ckpt_dir is not None: history, start = restore(t, ckpt_dir)
         end = tc.steps if until is None else min(tc.steps, until)
+        if overwrite: replace_run(run)
         return run_steps(t, data, run, history, start, end, ckpt_dir, progress)
 
 # %% ../nbs/34_train.ipynb #9765528d
