@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -76,7 +75,6 @@ def report(res: dict, out: Path, title: str):
         plot_history(h, out / "loss.png", title=title)
         print(f"loss plot: {out / 'loss.png'}")
     except ImportError: print("no loss plot: matplotlib is not installed (pip install 'vishwamai[plot]')")
-    if res["interrupted"]: print(f"interrupted by {signal.Signals(res['interrupted']).name}")
     if h["val"]:
         step, val = h["val"][-1]
         gap = res["unigram"] - val
