@@ -58,7 +58,8 @@ def count_non_finite(model) -> int:
 # %% ../nbs/33_checkpoint.ipynb #49861985
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "train_config.json", "train_state.pt")
 
-def _write_files(folder: Path, step: int, model, tokenizer, train_config, opt, sched, scaler, history):
+def _write_files(folder: Path, step: int, model, device, tokenizer, train_config, opt, sched, scaler, history):
+    "Write a checkpoint's files into `folder` and flush them to the disk; `model` is a host copy, `device` the run's."
     from safetensors.torch import save_model
     save_model(model, str(folder / "model.safetensors"))
     model.cfg.to_json(folder / "config.json")
@@ -66,7 +67,7 @@ def _write_files(folder: Path, step: int, model, tokenizer, train_config, opt, s
     (folder / "train_config.json").write_text(json.dumps(asdict(train_config), indent=2))
     torch.save(dict(step=step, optimizer=to_cpu(opt.state_dict()) if opt else None,
                     scheduler=sched.state_dict() if sched else None, scaler=scaler.state_dict() if scaler else None,
-                    rng=rng_state(next(model.parameters()).device), history=history or {}), folder / "train_state.pt")
+                    rng=rng_state(device), history=history or {}), folder / "train_state.pt")
     for f in folder.iterdir(): fsync_path(f)
     fsync_path(folder)
 
@@ -74,15 +75,16 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, train_config, opt=None
                     history: dict | None = None, keep: int = 2) -> Path:
     """Write a complete checkpoint of `step` under `run_dir/checkpoints`, atomically and durably, keeping the newest
     `keep`; returns its folder. Refuses non-finite weights (`FloatingPointError`); a failed write raises `OSError`."""
-    bad = count_non_finite(model)
-    if bad: raise FloatingPointError(f"the weights of step {step} hold {bad:,} non-finite values; not saved")
+    host = host_copy(model)  # safetensors reads host memory; counting there compiles no new XLA graph
+    if (bad := count_non_finite(host)):
+        raise FloatingPointError(f"the weights of step {step} hold {bad:,} non-finite values; not saved")
     ckpts = Path(run_dir) / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     final, tmp = ckpts / f"step-{step:08d}", ckpts / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # everything goes into a temporary folder first: a failure here leaves earlier checkpoints untouched
         tmp.mkdir()
-        _write_files(tmp, step, host_copy(model), tokenizer, train_config, opt, sched, scaler, history)
+        _write_files(tmp, step, host, next(model.parameters()).device, tokenizer, train_config, opt, sched, scaler, history)
         old = final.with_name(final.name + ".old")
         if final.exists(): final.rename(old)
         tmp.rename(final)
