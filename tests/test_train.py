@@ -34,8 +34,10 @@ def data(corpus):
     return prepare_data(str(corpus), seq_len=32, tokenizer="byte", val_fraction=0.5, seed=0)
 
 
+@pytest.mark.exact
 def test_resuming_follows_the_same_loss_trajectory(tmp_path, data):
-    # default threads: the CPU path sums in a fixed order whatever their number, so resumed runs are exact
+    """Exact with the default threads: both runs compute the same steps on the same machine, and the CPU path sums in a
+    fixed order whatever the thread count (its gathers and scatters are fixed-order operations)."""
     whole = train(CFG, replace(TC, out_dir=str(tmp_path / "a")), data=data, progress=False)["history"]
     train(CFG, replace(TC, out_dir=str(tmp_path / "b")), data=data, until=4, progress=False)
     resumed = train(CFG, replace(TC, out_dir=str(tmp_path / "b")), data=data, resume=True, progress=False)["history"]
@@ -44,7 +46,9 @@ def test_resuming_follows_the_same_loss_trajectory(tmp_path, data):
     assert resumed["val"] == whole["val"]
 
 
+@pytest.mark.exact
 def test_bias_balancing_and_accumulation_resume_exactly(tmp_path, data):
+    "Exact for the same reason as above; dropout and router noise come from the random state the checkpoint restores."
     cfg, tc = replace(CFG, bias_update_rate=1e-2, dropout=0.1), replace(TC, grad_accum=2)
     whole = train(cfg, replace(tc, out_dir=str(tmp_path / "a")), data=data, progress=False)
     train(cfg, replace(tc, out_dir=str(tmp_path / "b")), data=data, until=4, progress=False)
