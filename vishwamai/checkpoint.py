@@ -3,8 +3,10 @@
 # %% ../nbs/33_checkpoint.ipynb #24f97c94
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -17,8 +19,9 @@ from .device import host_copy, move_model, resolve_device, rng_state, to_cpu
 from .model import Vishwamai
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FILES', 'write_atomic', 'save_checkpoint', 'find_checkpoint', 'check_same_config', 'Checkpoint',
-           'load_checkpoint']
+__all__ = ['CHECKPOINT_FILES', 'write_atomic', 'fsync_path', 'count_non_finite', 'save_checkpoint', 'is_complete',
+           'find_checkpoint', 'check_same_config', 'Checkpoint', 'read_json', 'load_config', 'load_checkpoint',
+           'RunInUse', 'RunLock', 'holds_run', 'clean_stale_saves', 'tokenizer_digest']
 
 # %% ../nbs/33_checkpoint.ipynb #2e0dafb4
 def write_atomic(path, text: str) -> Path:
@@ -37,52 +40,85 @@ def write_atomic(path, text: str) -> Path:
         raise
     return path
 
+# %% ../nbs/33_checkpoint.ipynb #d5b822e0
+def fsync_path(path):
+    "Flush a file or a folder's entries to the disk (a folder's fsync makes the renames inside it durable)."
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    except OSError: pass  # some file systems cannot fsync a folder; the rename stays atomic there
+    finally: os.close(fd)
+
+# %% ../nbs/33_checkpoint.ipynb #fe459908
+def count_non_finite(model) -> int:
+    "How many of `model`'s floating-point parameters and buffers are NaN or infinite (one host read)."
+    ts = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not ts: return 0
+    return int(sum((~torch.isfinite(t.detach())).sum() for t in ts))
+
 # %% ../nbs/33_checkpoint.ipynb #49861985
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "train_config.json", "train_state.pt")
 
+def _write_files(folder: Path, step: int, model, device, tokenizer, train_config, opt, sched, scaler, history):
+    "Write a checkpoint's files into `folder` and flush them to the disk; `model` is a host copy, `device` the run's."
+    from safetensors.torch import save_model
+    save_model(model, str(folder / "model.safetensors"))
+    model.cfg.to_json(folder / "config.json")
+    tokenizer.save(folder / "tokenizer.json")
+    (folder / "train_config.json").write_text(json.dumps(asdict(train_config), indent=2))
+    torch.save(dict(step=step, optimizer=to_cpu(opt.state_dict()) if opt else None,
+                    scheduler=sched.state_dict() if sched else None, scaler=scaler.state_dict() if scaler else None,
+                    rng=rng_state(device), history=history or {}), folder / "train_state.pt")
+    for f in folder.iterdir(): fsync_path(f)
+    fsync_path(folder)
+
 def save_checkpoint(run_dir, step: int, model, tokenizer, train_config, opt=None, sched=None, scaler=None,
                     history: dict | None = None, keep: int = 2) -> Path:
-    """Write a complete checkpoint of `step` under `run_dir/checkpoints`, atomically, keeping the newest `keep`; returns its
-    folder. `train_config` is the run's training configuration (a dataclass), saved as JSON."""
-    from safetensors.torch import save_model
+    """Write a complete checkpoint of `step` under `run_dir/checkpoints`, atomically and durably, keeping the newest
+    `keep`; returns its folder. Refuses non-finite weights (`FloatingPointError`); a failed write raises `OSError`."""
+    host = host_copy(model)  # safetensors reads host memory; counting there compiles no new XLA graph
+    if (bad := count_non_finite(host)):
+        raise FloatingPointError(f"the weights of step {step} hold {bad:,} non-finite values; not saved")
     ckpts = Path(run_dir) / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
-    final = ckpts / f"step-{step:08d}"
-    tmp = ckpts / f".tmp-{final.name}-{os.getpid()}"
+    final, tmp = ckpts / f"step-{step:08d}", ckpts / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:  # everything goes into a temporary folder first: a failure here leaves earlier checkpoints untouched
-        save_model(host_copy(model), str(tmp / "model.safetensors"))  # safetensors reads host memory
-        model.cfg.to_json(tmp / "config.json")
-        tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "train_config.json").write_text(json.dumps(asdict(train_config), indent=2))
-        torch.save(dict(step=step, optimizer=to_cpu(opt.state_dict()) if opt else None,
-                        scheduler=sched.state_dict() if sched else None,
-                        scaler=scaler.state_dict() if scaler else None, rng=rng_state(next(model.parameters()).device),
-                        history=history or {}),
-                   tmp / "train_state.pt")
+        tmp.mkdir()
+        _write_files(tmp, step, host, next(model.parameters()).device, tokenizer, train_config, opt, sched, scaler, history)
         old = final.with_name(final.name + ".old")
         if final.exists(): final.rename(old)
         tmp.rename(final)
+        fsync_path(ckpts)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        write_atomic(ckpts / "latest", final.name)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError):  # torch reports a full disk as a RuntimeError
+            free = shutil.disk_usage(ckpts).free
+            raise OSError(f"writing failed, is the disk full? {free:,} bytes are free there ({type(e).__name__}: {e})") from e
         raise
-    write_atomic(ckpts / "latest", final.name)
     for stale in sorted(p for p in ckpts.glob("step-*") if p.is_dir() and p != final)[:-(keep - 1) or None]:
         shutil.rmtree(stale)
     return final
 
 # %% ../nbs/33_checkpoint.ipynb #f32e7117
+def is_complete(folder: Path) -> bool:
+    "Whether `folder` is a checkpoint holding every file of `CHECKPOINT_FILES`."
+    return all((folder / f).is_file() for f in CHECKPOINT_FILES)
+
 def find_checkpoint(path) -> Path:
-    "The checkpoint folder for `path`: a checkpoint folder itself, or a run folder (its latest checkpoint)."
+    """The checkpoint folder for `path`: a checkpoint folder itself, or a run folder: the checkpoint `latest` names,
+    or the newest complete one when `latest` is missing, damaged or names no complete checkpoint."""
     p = Path(path)
     if (p / "config.json").exists(): return p
     ckpts = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    latest = ckpts / "latest"
-    if latest.exists() and (ckpts / latest.read_text().strip()).is_dir(): return ckpts / latest.read_text().strip()
+    try: name = (ckpts / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError): name = ""
+    if re.fullmatch(r"step-\d{8}", name) and is_complete(ckpts / name): return ckpts / name
+    complete = sorted(d for d in ckpts.glob("step-*") if re.fullmatch(r"step-\d{8}", d.name) and is_complete(d))
+    if complete: return complete[-1]
     raise FileNotFoundError(f"no checkpoint found at {str(p)!r} (expected a checkpoint folder or a run folder with "
-                            "checkpoints/latest)")
+                            "checkpoints/step-*)")
 
 def check_same_config(saved: VishwamaiConfig, wanted: VishwamaiConfig):
     "Raise a `ValueError` listing the fields where a checkpoint's config differs from the requested one."
@@ -101,20 +137,89 @@ class Checkpoint:
     train_config: dict  # the run's training configuration, as saved
     path: Path
 
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"checkpoint file {path} is {what}; use an earlier checkpoint (a checkpoint folder) or train again")
+
+def read_json(path: Path):
+    "The JSON in a checkpoint file; a `ValueError` naming the file when it is not UTF-8 JSON."
+    try: return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e: raise _damaged(path, f"not valid JSON ({e})") from None
+
+def load_config(path: Path) -> VishwamaiConfig:
+    "A checkpoint's model config, with a `ValueError` naming the file when it is damaged."
+    d = read_json(path)
+    try: return VishwamaiConfig.from_dict(d)
+    except (TypeError, ValueError, AttributeError) as e: raise _damaged(path, f"not a valid model config ({e})") from None
+
+# %% ../nbs/33_checkpoint.ipynb #c1dcd888
 def load_checkpoint(path, device="cpu") -> Checkpoint:
-    "Load the checkpoint at `path` (see `find_checkpoint`), checking that every file is present and readable."
+    """Load the checkpoint at `path` (see `find_checkpoint`), checking that every file is present and readable and that
+    the weights are finite."""
     from safetensors.torch import load_model
     from vishwamai.data import load_tokenizer  # imported on use: the data pipeline loads `datasets`
     d = find_checkpoint(path)
     missing = [f for f in CHECKPOINT_FILES if not (d / f).exists()]
     if missing: raise FileNotFoundError(f"checkpoint {d} is incomplete: missing {', '.join(missing)}")
-    cfg = VishwamaiConfig.from_json(d / "config.json")
-    model = Vishwamai(cfg)
+    model, train_config = Vishwamai(load_config(d / "config.json")), read_json(d / "train_config.json")
     try: load_model(model, str(d / "model.safetensors"))
-    except Exception as e:
-        raise ValueError(f"checkpoint weights {d / 'model.safetensors'} are truncated or corrupt: {e}") from None
+    except Exception: raise _damaged(d / "model.safetensors", "truncated or corrupt") from None
+    if (bad := count_non_finite(model)):
+        raise ValueError(f"checkpoint {d} holds {bad:,} non-finite weights (its run had diverged); use an earlier one")
     try: state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)  # data only: no pickled code runs
-    except Exception as e: raise ValueError(f"checkpoint state {d / 'train_state.pt'} is truncated or corrupt: {e}") from None
-    train_config = json.loads((d / "train_config.json").read_text())
+    except Exception: raise _damaged(d / "train_state.pt", "truncated, corrupt or not plain data (it was not run)") from None
+    try: tokenizer = load_tokenizer(d)
+    except Exception: raise _damaged(d / "tokenizer.json", "not a readable tokenizer") from None
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    return Checkpoint(move_model(model, device).eval(), load_tokenizer(d), state, train_config, d)
+    return Checkpoint(move_model(model, device).eval(), tokenizer, state, train_config, d)
+
+# %% ../nbs/33_checkpoint.ipynb #403c6ddb
+class RunInUse(OSError):
+    "Another process holds the run folder's lock."
+
+class RunLock:
+    "An exclusive lock on a run folder (`RUN/.lock`) while a run writes there; the system releases it when the process ends."
+    def __init__(self, run_dir): self.run_dir, self.file = Path(run_dir), None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.run_dir / ".lock", "a")
+        except OSError as e:
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+            raise OSError(f"cannot write to the output folder {self.run_dir} ({why}); choose another folder") from None
+        try: import fcntl  # POSIX; elsewhere runs are not locked
+        except ImportError: return self
+        try: fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise RunInUse(f"another run is writing to {self.run_dir} (it holds {self.run_dir / '.lock'}); wait for it "
+                           "to end or choose another folder") from None
+        return self
+
+    def __exit__(self, *exc): self.file.close()  # closing the file releases the lock
+
+# %% ../nbs/33_checkpoint.ipynb #83b747af
+def holds_run(run_dir) -> bool:
+    "Whether `run_dir` holds an earlier run: checkpoints or a saved history."
+    p = Path(run_dir)
+    return any((p / "checkpoints").glob("step-*")) or (p / "history.json").exists()
+
+def clean_stale_saves(run_dir) -> list[Path]:
+    """Remove what crashed saves left under `run_dir/checkpoints` (temporary folders and files) and put back a checkpoint
+    a crash left renamed to `.old`; returns what was removed. Call it only while holding the run's `RunLock`."""
+    ckpts = Path(run_dir) / "checkpoints"
+    stale = sorted([*ckpts.glob(".tmp-*"), *ckpts.glob(".latest.*.tmp")])
+    for p in stale: shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for old in ckpts.glob("step-*.old"):
+        final = old.with_name(old.name.removesuffix(".old"))
+        if is_complete(final): shutil.rmtree(old)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            old.rename(final)
+    return stale
+
+def tokenizer_digest(tokenizer) -> str:
+    "SHA-256 of the tokenizer as saved: two tokenizers with the same digest give the same ids to every text."
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(Path(d) / "tokenizer.json")
+        return hashlib.sha256((Path(d) / "tokenizer.json").read_bytes()).hexdigest()

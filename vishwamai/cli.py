@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,40 +15,72 @@ from fastcore.script import parse_cli
 from .config import VishwamaiConfig
 
 # %% auto #0
-__all__ = ['BENCH_SUITES', 'COMMANDS', 'train_command', 'generate_command', 'bench_command', 'main']
+__all__ = ['BENCH_SUITES', 'COMMANDS', 'model_config', 'resume_command', 'train_command', 'report', 'generate_command',
+           'bench_command', 'fail', 'main']
+
+# %% ../nbs/36_cli.ipynb #ee3fe7b5
+def model_config(preset: str, config: str | None) -> VishwamaiConfig:
+    "The model config of a run: the JSON file `config` when given (any `VishwamaiConfig` fields), else the preset."
+    if config is None: return VishwamaiConfig.preset(preset)
+    try: d = json.loads(Path(config).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {config}: not a JSON file ({e})") from None
+    if not isinstance(d, dict): raise ValueError(f"--config {config}: must hold a JSON object of VishwamaiConfig fields")
+    try: return VishwamaiConfig.from_dict(d)
+    except (TypeError, ValueError) as e: raise ValueError(f"--config {config}: {e}") from None
+
+def resume_command(argv: list[str]) -> str:
+    "The shell command that resumes the run `vishwamai train argv` started."
+    return shlex.join(["vishwamai", "train", *(a for a in argv if a not in ("--resume", "--overwrite")), "--resume"])
 
 # %% ../nbs/36_cli.ipynb #1903cde2
 def train_command(
     preset:str="tiny",  # model size: tiny, small or base
+    config:str=None,  # a JSON file of model config fields (VishwamaiConfig), instead of --preset
     dataset:str="stdlib",  # 'stdlib' (offline), a local file or folder, or a Hugging Face dataset name
+    tokenizer:str="bpe",  # 'bpe' (trained on the training split), 'byte', or a saved tokenizer.json
     steps:int=600,  # optimizer steps
     batch_size:int=16,  # blocks per step
     seq_len:int=128,  # tokens per block
     lr:float=3e-3,  # peak learning rate
+    save_every:int=100,  # steps between checkpoints (a run also saves at its end and when interrupted)
     device:str="auto",  # auto, cpu, cuda, cuda:N or xla
     precision:str="auto",  # auto, fp32, bf16 or fp16
-    out:str="runs/default",  # folder for checkpoints, loss.png and history.json
-    resume:bool=False,  # continue from the latest checkpoint in --out
+    out:str="runs/default",  # folder for checkpoints, loss.png and history.json: one run per folder
+    resume:bool=False,  # continue the run in --out from its latest checkpoint
+    overwrite:bool=False,  # replace the run in --out (a folder holding a run needs --resume or --overwrite)
     seed:int=0,  # random seed
 ):
     "Train a Vishwamai model and report its validation loss against the unigram baseline."
-    from vishwamai.train import TrainConfig, plot_history, train
-    cfg = VishwamaiConfig.preset(preset)
-    tc = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, device=device,
-                     precision=precision, out_dir=out, seed=seed, warmup_steps=min(100, steps // 10),
-                     eval_every=max(1, steps // 4), save_every=max(1, steps // 4))
-    print(f"training the {preset!r} preset on {dataset!r} for {steps} steps; output in {out}/")
-    res = train(cfg, tc, resume=resume)
+    from vishwamai.train import TrainConfig, train
+    cfg = model_config(preset, config)
+    tc = TrainConfig(dataset=dataset, tokenizer=tokenizer, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                     device=device, precision=precision, out_dir=out, seed=seed, warmup_steps=min(100, steps // 10),
+                     eval_every=max(1, steps // 4), save_every=save_every)
+    print(f"training {config or repr(preset) + ' preset'} on {dataset!r} for {steps} steps; output in {out}/")
+    res = train(cfg, tc, resume=resume, overwrite=overwrite)
+    report(res, Path(out), title=f"{Path(config).stem if config else preset} on {dataset}")
+    if res["interrupted"]:
+        print(f"resume with: {resume_command(sys.argv[1:])}")
+        raise SystemExit(128 + res["interrupted"])  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+# %% ../nbs/36_cli.ipynb #d5ce34ce
+def report(res: dict, out: Path, title: str):
+    "Write a run's `history.json` and `loss.png` to `out` and print its summary: the checkpoint and its validation loss."
+    from vishwamai.checkpoint import write_atomic
+    from vishwamai.train import plot_history
     h = res["history"]
-    (Path(out) / "history.json").write_text(json.dumps({k: h[k] for k in ("loss", "aux", "val", "unigram")}))
-    if res["val_loss"] is not None:
-        print(f"validation loss {res['val_loss']:.3f} nats/token; unigram baseline {res['unigram']:.3f} "
-              f"({res['unigram'] - res['val_loss']:.3f} nats better); {res['tokens_per_s']:,.0f} training tokens/s")
+    write_atomic(out / "history.json", json.dumps({k: h[k] for k in ("loss", "aux", "val", "unigram")}))
     try:
-        plot_history(h, Path(out) / "loss.png", title=f"{preset} on {dataset}")
-        print(f"loss plot: {Path(out) / 'loss.png'}")
+        plot_history(h, out / "loss.png", title=title)
+        print(f"loss plot: {out / 'loss.png'}")
     except ImportError: print("no loss plot: matplotlib is not installed (pip install 'vishwamai[plot]')")
-    print(f"checkpoint: {res['checkpoint']}")
+    if h["val"]:
+        step, val = h["val"][-1]
+        gap = res["unigram"] - val
+        print(f"checkpoint {res['checkpoint']}: step {step}, validation loss {val:.3f} nats/token; unigram baseline "
+              f"{res['unigram']:.3f} ({abs(gap):.3f} nats {'better' if gap >= 0 else 'worse'}); "
+              f"{res['tokens_per_s']:,.0f} training tokens/s")
 
 # %% ../nbs/36_cli.ipynb #10f834d9
 def generate_command(
@@ -58,11 +93,14 @@ def generate_command(
     device:str="auto",  # auto, cpu, cuda, cuda:N or xla
 ):
     "Continue `prompt` with text sampled from a trained checkpoint."
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if max_new_tokens < 0 or top_k < 0: raise ValueError("--max-new-tokens and --top-k must be >= 0")
     import torch
     from vishwamai.checkpoint import load_checkpoint
     from vishwamai.device import resolve_device
     dev = resolve_device(device)
-    ck = load_checkpoint(checkpoint, dev)
+    ck = load_checkpoint(checkpoint, dev)  # refuses missing, damaged and non-finite checkpoints
     ids = torch.tensor([ck.tokenizer.encode(prompt)], device=dev)
     if ids.shape[1] == 0: raise ValueError("the prompt is empty")
     gen = torch.Generator(dev).manual_seed(seed)
@@ -90,6 +128,13 @@ def bench_command(
 # %% ../nbs/36_cli.ipynb #dda51f8c
 COMMANDS = dict(train=train_command, generate=generate_command, bench=bench_command)
 
+def fail(name: str, e: BaseException, unexpected: bool = False):
+    "End the command with one line naming the cause (exit status 1); `VISHWAMAI_TRACEBACK=1` shows the traceback instead."
+    if os.environ.get("VISHWAMAI_TRACEBACK"): raise e
+    what = f"unexpected {type(e).__name__}: " if unexpected else ""
+    hint = " (set VISHWAMAI_TRACEBACK=1 to see where)" if unexpected else ""
+    raise SystemExit(f"vishwamai {name}: error: {what}{' '.join(str(e).split())}{hint}") from None
+
 def main():
     "Entry point of the `vishwamai` command."
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
@@ -101,4 +146,8 @@ def main():
     fn = COMMANDS[name]
     args, kwargs, _ = parse_cli(fn)
     try: fn(*args, **kwargs)
-    except (ValueError, TypeError, FileNotFoundError) as e: raise SystemExit(f"vishwamai {name}: error: {e}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: saves already made are complete
+        print(f"vishwamai {name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, TypeError, OSError, FloatingPointError, ImportError) as e: fail(name, e)
+    except Exception as e: fail(name, e, unexpected=True)

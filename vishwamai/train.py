@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import find_checkpoint, check_same_config, load_checkpoint, save_checkpoint
+from .checkpoint import (RunLock, check_same_config, clean_stale_saves, find_checkpoint, holds_run,
+                                  load_checkpoint, load_config, save_checkpoint, tokenizer_digest)
 from .config import VishwamaiConfig
+from .data import eval_block_indices
 from .device import (autocast, compile_step, device_loader, disable_host_checks, is_cpu, is_cuda, is_xla,
                               manual_seed, move_model, resolve_device, resolve_precision, set_rng_state, step_boundary)
 from .model import Vishwamai, next_token_loss
@@ -21,11 +26,37 @@ from .model import Vishwamai, next_token_loss
 # %% auto #0
 __all__ = ['PRECISIONS', 'TrainConfig', 'make_optimizer', 'lr_factor', 'make_scheduler', 'batch_indices', 'get_batch',
            'step_batches', 'Trainer', 'make_trainer', 'forward_backward', 'train_step', 'evaluate', 'training_data',
-           'restore', 'TrainingDiverged', 'LossLog', 'train', 'plot_history']
+           'restore', 'TrainingDiverged', 'LossLog', 'StopOnSignal', 'start_run', 'replace_run', 'validate',
+           'save_step', 'run_steps', 'train', 'plot_history']
+
+# %% ../nbs/34_train.ipynb #90a43b88
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+          "tuple": ((tuple,), "a tuple")}
+
+def _check_type(name: str, v, kind: str):
+    "A `TypeError` naming `TrainConfig.name` unless `v` is of `kind` (a bool is not a number; floats must be finite)."
+    types, what = _TYPES[kind]
+    if isinstance(v, bool) or not isinstance(v, types): raise TypeError(f"TrainConfig.{name}: must be {what}, got {v!r}")
+    if kind == "float" and not math.isfinite(v): raise ValueError(f"TrainConfig.{name}: must be finite, got {v!r}")
+
+def _check_ranges(self):
+    "A `ValueError` naming the first field of the `TrainConfig` outside its range."
+    for n in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every", "save_every",
+              "keep_checkpoints"):
+        if getattr(self, n) <= 0: raise ValueError(f"TrainConfig.{n}: must be a positive integer, got {getattr(self, n)!r}")
+    if not (len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                         for b in self.betas)):
+        raise ValueError(f"TrainConfig.betas: must be two numbers in [0, 1), got {self.betas!r}")
+    checks = [("lr", self.lr > 0, "> 0"), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+              ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+              ("grad_clip", self.grad_clip >= 0, ">= 0 (0 turns clipping off)"),
+              ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"), ("precision", self.precision in PRECISIONS,
+              f"one of {PRECISIONS}"), ("out_dir", self.out_dir != "", "a folder name")]
+    for name, ok, want in checks:
+        if not ok: raise ValueError(f"TrainConfig.{name}: must be {want}, got {getattr(self, name)!r}")
 
 # %% ../nbs/34_train.ipynb #1c6b4bd2
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 @dataclass
 class TrainConfig:
     "How to train: data, schedule, precision, checkpoints. The model's shape lives in `VishwamaiConfig`."
@@ -42,8 +73,8 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
     val_fraction: float = 0.05  # documents held out for validation
-    eval_every: int = 100  # steps between validation runs
-    eval_batches: int = 16  # validation batches per run
+    eval_every: int = 100  # steps between validation runs (every checkpoint is evaluated too)
+    eval_batches: int = 16  # validation batches per run, spread evenly over the validation split
     log_every: int = 10  # steps between progress updates (the only host synchronizations in the loop)
     save_every: int = 200  # steps between checkpoints
     keep_checkpoints: int = 2  # older checkpoints are deleted
@@ -54,21 +85,10 @@ class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints, the loss plot and the log go here
 
     def __post_init__(self):
+        if isinstance(self.out_dir, os.PathLike): self.out_dir = os.fspath(self.out_dir)
         if isinstance(self.betas, list): self.betas = tuple(self.betas)
-        for n in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "log_every",
-                  "save_every", "keep_checkpoints"):
-            v = getattr(self, n)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-                raise ValueError(f"TrainConfig.{n}: must be a positive integer, got {v!r}")
-        if not self.lr > 0: raise ValueError(f"TrainConfig.lr: must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0: raise ValueError(f"TrainConfig.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip < 0: raise ValueError(f"TrainConfig.grad_clip: must be >= 0, got {self.grad_clip}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision: must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"TrainConfig.val_fraction: must lie in (0, 1), got {self.val_fraction}")
+        for f in fields(self): _check_type(f.name, getattr(self, f.name), f.type)
+        _check_ranges(self)
 
 # %% ../nbs/34_train.ipynb #b6049c07
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
@@ -173,13 +193,14 @@ def train_step(t: Trainer, xs: torch.Tensor, ys: torch.Tensor) -> tuple:
 # %% ../nbs/34_train.ipynb #358f34e2
 @torch.no_grad()
 def evaluate(model, blocks, batch_size: int, max_batches: int, device, precision: str = "fp32") -> float:
-    "Mean next-token loss (nats/token, without aux losses) over the first `max_batches` batches of `blocks`, in order."
+    """Mean next-token loss (nats/token, without aux losses) over `max_batches` batches of `blocks`: a fixed sample
+    spread evenly over the whole split (`eval_block_indices`), the same at every evaluation."""
     was_training = model.training
     model.eval()
-    n = min(len(blocks), batch_size * max_batches)
+    sample = eval_block_indices(len(blocks), batch_size * max_batches)
     total, count = torch.zeros((), device=device), 0
-    for start in range(0, n, batch_size):
-        x, y = get_batch(blocks, torch.arange(start, min(start + batch_size, n)))
+    for idx in sample.split(batch_size):
+        x, y = get_batch(blocks, idx)
         n_targets = int((y != -100).sum())  # counted on the host: no device read
         if is_xla(device) and len(x) < batch_size:  # pad the last batch: one shape, one compiled program
             x, y = F.pad(x, (0, 0, 0, batch_size - len(x))), F.pad(y, (0, 0, 0, batch_size - len(y)), value=-100)
@@ -195,13 +216,16 @@ def evaluate(model, blocks, batch_size: int, max_batches: int, device, precision
 # %% ../nbs/34_train.ipynb #b01d13c4
 def training_data(cfg: VishwamaiConfig, tc: TrainConfig, data=None, ckpt_dir: Path | None = None):
     """The `TextData` a run trains on: `data` if given, else prepared as `tc` says (with a checkpoint's tokenizer when
-    resuming)
-    checked against `cfg` and `tc`."""
+    resuming), checked against `cfg`, `tc` and the checkpoint's tokenizer."""
     from vishwamai.data import prepare_data, load_tokenizer
+    saved = load_tokenizer(ckpt_dir) if ckpt_dir is not None else None
     if data is None:
-        tok = load_tokenizer(ckpt_dir) if ckpt_dir is not None else tc.tokenizer
+        tok = saved if saved is not None and tc.tokenizer == "bpe" else tc.tokenizer  # "bpe" on resume: the saved one
         data = prepare_data(tc.dataset, seq_len=tc.seq_len, tokenizer=tok, vocab_size=cfg.vocab_size,
                             val_fraction=tc.val_fraction, seed=tc.seed)
+    if saved is not None and tokenizer_digest(saved) != tokenizer_digest(data.tokenizer):
+        raise ValueError(f"the data's tokenizer differs from the one the checkpoint {ckpt_dir} was trained with; resume "
+                         "with the checkpoint's tokenizer (its tokenizer.json) or start a new run")
     if data.train.seq_len != tc.seq_len:
         raise ValueError(f"the prepared data has blocks of {data.train.seq_len} tokens but TrainConfig.seq_len={tc.seq_len}")
     if data.tokenizer.vocab_size > cfg.vocab_size:
@@ -224,14 +248,16 @@ def restore(t: Trainer, ckpt_dir) -> tuple[dict, int]:
 
 # %% ../nbs/34_train.ipynb #08226761
 class TrainingDiverged(FloatingPointError):
-    "The loss or the router logits became non-finite; the message names the last good checkpoint."
+    "The loss, the validation loss or the weights became non-finite; the message names the last good checkpoint."
 
     @classmethod
     def at(cls, what: str, last_good) -> TrainingDiverged:
-        "The error for `what` went wrong, naming the last good checkpoint and what to do."
-        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-        return cls(f"{what}; {where}. Lower TrainConfig.lr or use precision='fp32', then resume.")
+        "The error for `what` went wrong, naming the last good (finite) checkpoint and what to do."
+        if last_good: fix = f"the last good checkpoint is {last_good}: lower the learning rate or use fp32, then resume from it"
+        else: fix = "no checkpoint was saved yet: start again with a lower learning rate or in fp32"
+        return cls(f"training diverged: {what}; {fix}")
 
+# %% ../nbs/34_train.ipynb #1fd69a96
 class LossLog:
     "Per-step (LM, aux) losses, kept on the device and read back to the host only when flushed (a read stalls an accelerator)."
     def __init__(self, history: dict): self.history, self.pending = history, []
@@ -250,50 +276,79 @@ class LossLog:
         return None
 
 # %% ../nbs/34_train.ipynb #f7b1d4b0
-class _StopOnInterrupt:
-    "The first Ctrl-C asks the loop to save and stop after the current step; a second one interrupts at once."
-    def __init__(self): self.requested = False
-    def __enter__(self):
+class StopOnSignal:
+    """The first Ctrl-C (SIGINT) or SIGTERM (what `kill`, `timeout`, schedulers and `docker stop` send) asks the loop to
+    save and stop after the current step; a second one interrupts at once."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self): self.signum, self.previous = 0, {}
+
+    def __enter__(self) -> StopOnSignal:
         import threading
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
+
     def _handle(self, signum, frame):
-        if self.requested: raise KeyboardInterrupt
-        self.requested = True
+        if self.signum: raise KeyboardInterrupt
+        self.signum = signum
+
     def __exit__(self, *exc):
-        if self.previous is not None: signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items(): signal.signal(s, handler)
+
+# %% ../nbs/34_train.ipynb #cbad9a70
+def start_run(run: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Prepare the run folder `run` (its `RunLock` held): remove what crashed saves left, refuse an earlier run there unless
+    `overwrite` (`replace_run` deletes it once the new run is ready), check that checkpoints can be written; returns the
+    checkpoint to resume from, if any."""
+    if resume and overwrite: raise ValueError("resume and overwrite exclude each other: choose one")
+    clean_stale_saves(run)
+    ckpt_dir = find_checkpoint(run) if resume else None
+    if not resume and not overwrite and holds_run(run):
+        raise FileExistsError(f"{run} holds an earlier run: continue it with --resume (resume=True), replace it with "
+                              "--overwrite (overwrite=True), or choose another output folder")
+    try:
+        (run / "checkpoints").mkdir(exist_ok=True)
+        with tempfile.TemporaryFile(dir=run / "checkpoints"): pass
+    except OSError as e:
+        raise OSError(f"cannot write checkpoints to {run / 'checkpoints'} ({e.strerror or e}); choose another folder") from None
+    return ckpt_dir
+
+def replace_run(run: Path):
+    "Delete the earlier run in `run` (its checkpoints, history and plot): called once the new run is ready to take its place."
+    for p in (run / "checkpoints").glob("step-*"): shutil.rmtree(p)
+    for p in (run / "checkpoints" / "latest", run / "history.json", run / "loss.png"): p.unlink(missing_ok=True)
 
 # %% ../nbs/34_train.ipynb #fce1b50c
-def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None, until: int | None = None,
-          progress: bool = True) -> dict:
-    """Train a `Vishwamai(cfg)` as `tc` says, from scratch or resuming from `tc.out_dir`'s latest checkpoint.
-    `data` reuses prepared `TextData`
-    `until` stops (with a checkpoint) after that step, keeping the schedule of `tc.steps`."""
+def validate(t: Trainer, data, history: dict, done: int, last_good):
+    "Evaluate after step `done` into `history['val']`; a non-finite loss raises `TrainingDiverged` naming `last_good`."
+    try: val = evaluate(t.model, data.val, t.tc.batch_size, t.tc.eval_batches, t.device, t.precision)
+    except FloatingPointError as e: raise TrainingDiverged.at(f"in the validation after step {done}: {e}", last_good) from e
+    if not math.isfinite(val): raise TrainingDiverged.at(f"the validation loss is {val} after step {done}", last_good)
+    history["val"].append((done, val))
+
+def save_step(t: Trainer, data, run: Path, history: dict, done: int, last_good) -> Path:
+    "Evaluate and save after step `done`; returns the new checkpoint. Non-finite weights are not saved: the run stops."
+    validate(t, data, history, done, last_good)
+    try: return save_checkpoint(run, done, t.model, data.tokenizer, t.tc, t.opt, t.sched, t.scaler, history,
+                                keep=t.tc.keep_checkpoints)
+    except FloatingPointError as e: raise TrainingDiverged.at(str(e), last_good) from None
+    except OSError as e:
+        kept = f"the last checkpoint is {last_good}: free space, then resume" if last_good else "free space, then start again"
+        raise OSError(f"could not save the checkpoint of step {done}: {e}; {kept}") from None
+
+# %% ../nbs/34_train.ipynb #114a365e
+def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, last_good, progress: bool) -> dict:
+    "Steps `start..end-1` of `train`: step, log, evaluate and save at their intervals, save and stop on a signal."
     from tqdm.auto import tqdm
-    device = resolve_device(tc.device)
-    precision = resolve_precision(tc.precision, device)
-    if tc.seq_len > cfg.max_seq_len:
-        raise ValueError(f"TrainConfig.seq_len={tc.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
-    run = Path(tc.out_dir)
-    ckpt_dir = find_checkpoint(run) if resume else None
-    if ckpt_dir is not None: check_same_config(VishwamaiConfig.from_json(ckpt_dir / "config.json"), cfg)
-    data = training_data(cfg, tc, data, ckpt_dir)
-
-    manual_seed(tc.seed, device)
-    t = make_trainer(cfg, tc, device, precision)
-    history, start = dict(loss=[], aux=[], lr=[], val=[], unigram=data.info.get("unigram_nats")), 0
-    if ckpt_dir is not None: history, start = restore(t, ckpt_dir)
-    end = tc.steps if until is None else min(tc.steps, until)
-    last_good, log = ckpt_dir, LossLog(history)
-
-    step_fn = compile_step(train_step, device)  # one XLA graph per step; the plain function elsewhere
-    batches = device_loader(step_batches(data.train, tc, start, end), device)  # background transfer on XLA
+    tc, log = t.tc, LossLog(history)
+    step_fn = compile_step(train_step, t.device)  # one XLA graph per step; the plain function elsewhere
+    batches = device_loader(step_batches(data.train, tc, start, end), t.device)  # background transfer on XLA
     t.model.train()
-    bar = tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step")
-    t0, tokens = time.perf_counter(), 0
-    with _StopOnInterrupt() as interrupt:
+    t0, paused, tokens = time.perf_counter(), 0.0, 0
+    # the bar closes before any error message is printed: its last line must not follow the message
+    with tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step") as bar, \
+         StopOnSignal() as stop:
         for step, (xs, ys) in zip(range(start, end), batches):
             try: log.append(step_fn(t, xs, ys))
             except FloatingPointError as e: raise TrainingDiverged.at(f"at step {step + 1}: {e}", last_good) from e
@@ -301,25 +356,46 @@ def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None
             t.sched.step()
             history["lr"].append(t.sched.get_last_lr()[0])
             done = step + 1
-            saving = done % tc.save_every == 0 or done == end or interrupt.requested
+            saving = done % tc.save_every == 0 or done == end or stop.signum
             if done % tc.log_every == 0 or saving or done % tc.eval_every == 0:
-                bad = log.flush(done)
+                bad = log.flush(done)  # a host read: the steps so far have finished
                 if bad is not None: raise TrainingDiverged.at(f"the loss became non-finite at step {bad}", last_good)
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", lr=f"{history['lr'][-1]:.2e}")
-            if done % tc.eval_every == 0 or done == tc.steps:
-                history["val"].append((done, evaluate(t.model, data.val, tc.batch_size, tc.eval_batches, device, precision)))
-            if saving:
-                last_good = save_checkpoint(run, done, t.model, data.tokenizer, tc, t.opt, t.sched, t.scaler, history,
-                                            keep=tc.keep_checkpoints)
+            t1 = time.perf_counter()  # evaluation and saving are not training: their time is left out of tokens/s
+            if saving: last_good = save_step(t, data, run, history, done, last_good)
+            elif done % tc.eval_every == 0: validate(t, data, history, done, last_good)
+            paused += time.perf_counter() - t1
             bar.update(1)
-            if interrupt.requested:
-                bar.write(f"interrupted: saved {last_good}; resume with the same command and --resume")
+            if stop.signum:
+                bar.write(f"interrupted by {signal.Signals(stop.signum).name} after step {done}: saved {last_good}")
                 break
-    bar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - paused
     return dict(history=history, checkpoint=last_good, tokens_per_s=tokens / elapsed if elapsed > 0 else float("nan"),
-                val_loss=history["val"][-1][1] if history["val"] else None, unigram=history["unigram"], data=data, model=t.model,
-                interrupted=interrupt.requested)
+                val_loss=history["val"][-1][1] if history["val"] else None, unigram=history["unigram"], data=data,
+                model=t.model, interrupted=stop.signum)
+
+# %% ../nbs/34_train.ipynb #2b65cd26
+def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None, until: int | None = None,
+          progress: bool = True, overwrite: bool = False) -> dict:
+    """Train a `Vishwamai(cfg)` as `tc` says, from scratch or resuming from `tc.out_dir`'s latest checkpoint; a folder that
+    holds an earlier run needs `resume` or `overwrite`. `data` reuses prepared `TextData`; `until` stops (with a
+    checkpoint) after that step, keeping the schedule of `tc.steps`."""
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"TrainConfig.seq_len={tc.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    run = Path(tc.out_dir)
+    with RunLock(run):  # one run per folder; released when this returns or the process ends
+        ckpt_dir = start_run(run, resume, overwrite)
+        if ckpt_dir is not None: check_same_config(load_config(ckpt_dir / "config.json"), cfg)
+        data = training_data(cfg, tc, data, ckpt_dir)
+        manual_seed(tc.seed, device)
+        t = make_trainer(cfg, tc, device, precision)
+        history, start = dict(loss=[], aux=[], lr=[], val=[], unigram=data.info.get("unigram_nats")), 0
+        if ckpt_dir is not None: history, start = restore(t, ckpt_dir)
+        end = tc.steps if until is None else min(tc.steps, until)
+        if overwrite: replace_run(run)
+        return run_steps(t, data, run, history, start, end, ckpt_dir, progress)
 
 # %% ../nbs/34_train.ipynb #9765528d
 def plot_history(history: dict, path=None, title: str = "training"):
