@@ -156,3 +156,16 @@ def test_bench_moe_rows():
                      warmup=0, repeats=1, verbose=False)
     assert [r["impl"] for r in rows] == ["loop", "grouped", "capacity", "dense"]
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 and "device" in r and "torch" in r for r in rows)
+
+
+@pytest.mark.parametrize("impl,grouped_mm", [("grouped", False), ("capacity", None)])
+def test_dispatch_paths_trace_without_graph_breaks_as_training_compiles_them(impl, grouped_mm):
+    "fp32 forces the padded fallback, whose largest expert count is a data-dependent size; the compiled training step"
+    " (`compile_step`) turns such sizes into symbolic ones. The reference loop is eager by design and not checked."
+    import torch._dynamo
+    cfg = VishwamaiConfig(d_model=16, num_experts=4, top_k=2, expert_dim=16, expert_hidden=32, moe_impl=impl)
+    moe = MoE(cfg)
+    moe.experts.use_grouped_mm = grouped_mm
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(moe)(torch.randn(2, 8, 16)).graph_break_count == 0

@@ -160,3 +160,19 @@ def test_train_runs_the_named_training_step(tmp_path, data, monkeypatch):
     monkeypatch.setattr(T, "train_step", spy)
     train(CFG, replace(TC, out_dir=str(tmp_path), steps=3, grad_accum=2), data=data, progress=False)
     assert steps == [(2, 4, 32)] * 3  # one call per optimizer step, with its micro-batches
+
+
+def test_cuda_training_steps_are_compiled_unless_eager():
+    from vishwamai.device import compile_step
+    def step(): return 1
+    before = torch._dynamo.config.capture_scalar_outputs
+    try:
+        assert compile_step(step, torch.device("cuda")) is not step  # compiled lazily: no GPU needed to wrap it
+        assert torch._dynamo.config.capture_scalar_outputs  # data-dependent sizes become symbolic, not graph breaks
+        assert compile_step(step, torch.device("cuda"), eager=True) is step
+        assert compile_step(step, torch.device("cpu")) is step
+    finally: torch._dynamo.config.capture_scalar_outputs = before
+
+
+def test_expert_parallel_training_needs_xla():
+    with pytest.raises(ValueError, match="TrainConfig.expert_parallel: needs device='xla'"): TrainConfig(expert_parallel=True)

@@ -50,13 +50,15 @@ def train_command(
     resume:bool=False,  # continue the run in --out from its latest checkpoint
     overwrite:bool=False,  # replace the run in --out (a folder holding a run needs --resume or --overwrite)
     seed:int=0,  # random seed
+    eager:bool=False,  # CUDA: run the training step without torch.compile
+    expert_parallel:bool=False,  # XLA only: split the experts over every XLA device (SPMD)
 ):
     "Train a Vishwamai model and report its validation loss against the unigram baseline."
     from vishwamai.train import TrainConfig, train
     cfg = model_config(preset, config)
     tc = TrainConfig(dataset=dataset, tokenizer=tokenizer, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                      device=device, precision=precision, out_dir=out, seed=seed, warmup_steps=min(100, steps // 10),
-                     eval_every=max(1, steps // 4), save_every=save_every)
+                     eval_every=max(1, steps // 4), save_every=save_every, eager=eager, expert_parallel=expert_parallel)
     print(f"training {config or repr(preset) + ' preset'} on {dataset!r} for {steps} steps; output in {out}/")
     res = train(cfg, tc, resume=resume, overwrite=overwrite)
     report(res, Path(out), title=f"{Path(config).stem if config else preset} on {dataset}")
@@ -91,6 +93,7 @@ def generate_command(
     top_k:int=50,  # sample among the k likeliest tokens (0: all)
     seed:int=0,  # random seed
     device:str="auto",  # auto, cpu, cuda, cuda:N or xla
+    stop_at_eot:bool=True,  # end at the end-of-text token; --no-stop-at-eot generates all --max-new-tokens
 ):
     "Continue `prompt` with text sampled from a trained checkpoint."
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -98,13 +101,14 @@ def generate_command(
     if max_new_tokens < 0 or top_k < 0: raise ValueError("--max-new-tokens and --top-k must be >= 0")
     import torch
     from vishwamai.checkpoint import load_checkpoint
-    from vishwamai.device import resolve_device
+    from vishwamai.device import generator, resolve_device
     dev = resolve_device(device)
     ck = load_checkpoint(checkpoint, dev)  # refuses missing, damaged and non-finite checkpoints
     ids = torch.tensor([ck.tokenizer.encode(prompt)], device=dev)
     if ids.shape[1] == 0: raise ValueError("the prompt is empty")
-    gen = torch.Generator(dev).manual_seed(seed)
-    out = ck.model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None, generator=gen)
+    gen = generator(seed, dev)  # a host generator on XLA, where torch.Generator cannot live
+    out = ck.model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None, generator=gen,
+                            eos_token_id=ck.tokenizer.eot_id if stop_at_eot else None)
     print(ck.tokenizer.decode(out[0].tolist()))
 
 # %% ../nbs/36_cli.ipynb #3cd74d4e

@@ -101,9 +101,13 @@ def step_boundary(device: torch.device):
     "End the recorded step on XLA (run the graph asynchronously); nothing to do on eager devices."
     if is_xla(device): require_xla().sync()
 
-def compile_step(fn, device: torch.device):
-    "`fn` compiled as one XLA graph per call (`torch_xla.compile`) on XLA; unchanged elsewhere."
-    return require_xla().compile(fn) if is_xla(device) else fn
+def compile_step(fn, device: torch.device, eager: bool = False):
+    "`fn` compiled: one XLA graph per call on XLA (`torch_xla.compile`), `torch.compile` on CUDA unless `eager`; else as is."
+    if is_xla(device): return require_xla().compile(fn)
+    if not is_cuda(device) or eager: return fn
+    # a data-dependent size (the padded expert fallback's largest count) then becomes a symbolic size, not a graph break
+    torch._dynamo.config.capture_scalar_outputs = True
+    return torch.compile(fn)
 
 # %% ../nbs/01_device.ipynb #e6a322e5
 def manual_seed(seed: int, device: torch.device | str):

@@ -22,6 +22,7 @@ from .data import eval_block_indices
 from .device import (autocast, compile_step, device_loader, disable_host_checks, is_cpu, is_cuda, is_xla,
                               manual_seed, move_model, resolve_device, resolve_precision, set_rng_state, step_boundary)
 from .model import Vishwamai, next_token_loss
+from .sharding import enable_spmd, shard_model_experts
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'TrainConfig', 'make_optimizer', 'lr_factor', 'make_scheduler', 'batch_indices', 'get_batch',
@@ -32,12 +33,12 @@ __all__ = ['PRECISIONS', 'TrainConfig', 'make_optimizer', 'lr_factor', 'make_sch
 # %% ../nbs/34_train.ipynb #90a43b88
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
-          "tuple": ((tuple,), "a tuple")}
+          "tuple": ((tuple,), "a tuple"), "bool": ((bool,), "true or false")}
 
 def _check_type(name: str, v, kind: str):
     "A `TypeError` naming `TrainConfig.name` unless `v` is of `kind` (a bool is not a number; floats must be finite)."
     types, what = _TYPES[kind]
-    if isinstance(v, bool) or not isinstance(v, types): raise TypeError(f"TrainConfig.{name}: must be {what}, got {v!r}")
+    if isinstance(v, bool) != (kind == "bool") or not isinstance(v, types): raise TypeError(f"TrainConfig.{name}: must be {what}, got {v!r}")
     if kind == "float" and not math.isfinite(v): raise ValueError(f"TrainConfig.{name}: must be finite, got {v!r}")
 
 def _check_ranges(self):
@@ -83,12 +84,16 @@ class TrainConfig:
     device: str = "auto"  # "cpu", "cuda", "cuda:N", "xla", or "auto"
     seed: int = 0  # seeds data order, initialization, dropout and routing noise
     out_dir: str = "runs/default"  # checkpoints, the loss plot and the log go here
+    eager: bool = False  # CUDA: run the step eagerly instead of under torch.compile
+    expert_parallel: bool = False  # XLA only: split each MoE layer's experts over every XLA device (SPMD); batches stay whole
 
     def __post_init__(self):
         if isinstance(self.out_dir, os.PathLike): self.out_dir = os.fspath(self.out_dir)
         if isinstance(self.betas, list): self.betas = tuple(self.betas)
         for f in fields(self): _check_type(f.name, getattr(self, f.name), f.type)
         _check_ranges(self)
+        if self.expert_parallel and self.device.split(":")[0] != "xla":
+            raise ValueError(f"TrainConfig.expert_parallel: needs device='xla' (SPMD over the XLA devices), got {self.device!r}")
 
 # %% ../nbs/34_train.ipynb #b6049c07
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
@@ -342,7 +347,7 @@ def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, 
     "Steps `start..end-1` of `train`: step, log, evaluate and save at their intervals, save and stop on a signal."
     from tqdm.auto import tqdm
     tc, log = t.tc, LossLog(history)
-    step_fn = compile_step(train_step, t.device)  # one XLA graph per step; the plain function elsewhere
+    step_fn = compile_step(train_step, t.device, tc.eager)  # one XLA graph per step; torch.compile on CUDA
     batches = device_loader(step_batches(data.train, tc, start, end), t.device)  # background transfer on XLA
     t.model.train()
     t0, paused, tokens = time.perf_counter(), 0.0, 0
@@ -380,6 +385,7 @@ def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None
     """Train a `Vishwamai(cfg)` as `tc` says, from scratch or resuming from `tc.out_dir`'s latest checkpoint; a folder that
     holds an earlier run needs `resume` or `overwrite`. `data` reuses prepared `TextData`; `until` stops (with a
     checkpoint) after that step, keeping the schedule of `tc.steps`."""
+    if tc.expert_parallel: enable_spmd()  # SPMD must own the process before its XLA device exists
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     if tc.seq_len > cfg.max_seq_len:
@@ -393,6 +399,7 @@ def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None
         t = make_trainer(cfg, tc, device, precision)
         history, start = dict(loss=[], aux=[], lr=[], val=[], unigram=data.info.get("unigram_nats")), 0
         if ckpt_dir is not None: history, start = restore(t, ckpt_dir)
+        if tc.expert_parallel: shard_model_experts(t.model)  # after restoring: loading a state dict drops the annotations
         end = tc.steps if until is None else min(tc.steps, until)
         if overwrite: replace_run(run)
         return run_steps(t, data, run, history, start, end, ckpt_dir, progress)
