@@ -252,3 +252,28 @@ def test_pallas_flash_chosen_when_the_kernel_imports():
     _need_xla()
     out = json.loads(run_on_xla_cpu(_PALLAS_PRESENT, num_devices=1).strip().splitlines()[-1])
     assert out == dict(available=True, tpu=True, short=False, cpu=False, dropout=False), out
+
+
+_BENCH = r"""
+import json
+import torch
+from vishwamai.bench import run_suite
+from vishwamai.config import VishwamaiConfig
+from vishwamai.experts import Experts
+res = run_suite("moe", "xla", verbose=False, experts=(4,), tokens=64, d_model=32, hidden=64, warmup=1, repeats=1)
+try:
+    ex = Experts(VishwamaiConfig(d_model=32, num_experts=4, top_k=2)).to("xla:0")
+    ex(torch.randn(8, 32, device="xla:0"), torch.zeros(8, 2, dtype=torch.long, device="xla:0"), torch.ones(8, 2, device="xla:0"), "grouped")
+    refused = ""
+except ValueError as e: refused = str(e)
+print(json.dumps(dict(rows={r["impl"]: r.get("status", "ok") for r in res["rows"]}, device=res["device"], refused=refused)))
+"""
+
+
+def test_the_moe_benchmark_runs_on_xla_and_grouped_is_refused_clearly():
+    "`vishwamai bench moe --device xla`: the static dispatches run; the grouped one (routing-dependent shapes, which"
+    " make torch_xla abort the process) is reported, not run, and refused with a one-line error when asked for."
+    _need_xla()
+    out = json.loads(run_on_xla_cpu(_BENCH, num_devices=1).strip().splitlines()[-1])
+    assert out["rows"] == {"loop": "ok", "grouped": "not on XLA: shapes depend on the routing", "capacity": "ok", "dense": "ok"}
+    assert out["device"] == "XLA CPU" and "use impl='capacity'" in out["refused"]

@@ -185,6 +185,9 @@ class Experts(nn.Module):
         "Mix experts `idx` `[..., T, k]` by `gates` for `x` `[..., T, d]` at positions `start..`: output, fraction dropped."
         impl = resolve_moe_impl(impl, x.device)
         if impl not in DISPATCHES: raise ValueError(f"Experts: unknown impl {impl!r}; choose one of {('auto', *DISPATCHES)}")
+        if impl == "grouped" and is_xla(x):  # torch_xla aborts the process on its routing-dependent shapes
+            raise ValueError("Experts: the grouped dispatch's shapes depend on the routing, which XLA cannot compile; "
+                             "use impl='capacity' (what 'auto' picks on XLA)")
         u = self.w_in(x)
         T, de, k = u.shape[-2], u.shape[-1], idx.shape[-1]
         if impl == "capacity":  # per-sequence causal queues

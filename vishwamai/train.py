@@ -38,7 +38,8 @@ _TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "s
 def _check_type(name: str, v, kind: str):
     "A `TypeError` naming `TrainConfig.name` unless `v` is of `kind` (a bool is not a number; floats must be finite)."
     types, what = _TYPES[kind]
-    if isinstance(v, bool) != (kind == "bool") or not isinstance(v, types): raise TypeError(f"TrainConfig.{name}: must be {what}, got {v!r}")
+    if isinstance(v, bool) != (kind == "bool") or not isinstance(v, types):
+        raise TypeError(f"TrainConfig.{name}: must be {what}, got {v!r}")
     if kind == "float" and not math.isfinite(v): raise ValueError(f"TrainConfig.{name}: must be finite, got {v!r}")
 
 def _check_ranges(self):
