@@ -176,3 +176,23 @@ def test_cuda_training_steps_are_compiled_unless_eager():
 
 def test_expert_parallel_training_needs_xla():
     with pytest.raises(ValueError, match="TrainConfig.expert_parallel: needs device='xla'"): TrainConfig(expert_parallel=True)
+
+
+def test_weight_decay_goes_by_role():
+    "Matrices of matrix multiplies are decayed; LayerNorm gains and biases (the experts' stacked ones too), biases and"
+    " the static fusion logits are not, whatever their number of dimensions."
+    from vishwamai import Vishwamai
+    from vishwamai.train import decayed_parameters, make_optimizer
+    cfg = VishwamaiConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, num_experts=2, top_k=1, expert_dim=16,
+                          expert_hidden=16, ffn_hidden=16, max_seq_len=32, shared_expert=True, fusion="static")
+    model = Vishwamai(cfg)
+    block = ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.o_proj.weight", "moe.router.weight",
+             "moe.experts.w1", "moe.experts.w2", "moe.experts.w_in.weight", "moe.experts.w_out.weight",
+             "moe.experts.shared.w1", "moe.experts.shared.w2", "ffn.up.weight", "ffn.down.weight"]
+    assert decayed_parameters(model) == ["embed.weight", *(f"blocks.0.{n}" for n in block)]
+    groups = make_optimizer(model, TrainConfig()).param_groups
+    assert [g["weight_decay"] for g in groups] == [TrainConfig().weight_decay, 0.0]
+    undecayed = {id(p) for p in groups[1]["params"]}
+    named = dict(model.named_parameters())
+    for n in ("blocks.0.moe.experts.norm_weight", "blocks.0.attn.fusion.logits", "blocks.0.attn_norm.weight"):
+        assert id(named[n]) in undecayed, n

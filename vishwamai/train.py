@@ -25,10 +25,10 @@ from .model import Vishwamai, next_token_loss
 from .sharding import enable_spmd, shard_model_experts
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'TrainConfig', 'make_optimizer', 'lr_factor', 'make_scheduler', 'batch_indices', 'get_batch',
-           'step_batches', 'Trainer', 'make_trainer', 'forward_backward', 'train_step', 'evaluate', 'training_data',
-           'restore', 'TrainingDiverged', 'LossLog', 'StopOnSignal', 'start_run', 'replace_run', 'validate',
-           'save_step', 'run_steps', 'train', 'plot_history']
+__all__ = ['PRECISIONS', 'TrainConfig', 'decayed_parameters', 'make_optimizer', 'lr_factor', 'make_scheduler', 'batch_indices',
+           'get_batch', 'step_batches', 'Trainer', 'make_trainer', 'forward_backward', 'train_step', 'evaluate',
+           'training_data', 'restore', 'TrainingDiverged', 'LossLog', 'StopOnSignal', 'start_run', 'replace_run',
+           'validate', 'save_step', 'run_steps', 'train', 'plot_history']
 
 # %% ../nbs/34_train.ipynb #90a43b88
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -97,11 +97,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.expert_parallel: needs device='xla' (SPMD over the XLA devices), got {self.device!r}")
 
 # %% ../nbs/34_train.ipynb #b6049c07
+def decayed_parameters(model: torch.nn.Module) -> list[str]:
+    "Names of the parameters AdamW decays: the matrices of matrix multiplies, not norm gains, biases or fusion logits."
+    # by role, not by shape: the experts' stacked LayerNorm gains and the static fusion logits are 2-D too
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    return [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("weight", "w1", "w2") and id(p) not in norms]
+
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    "AdamW with weight decay on matrices (2-D and up) only: norms, biases and gains are not decayed."
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    "AdamW with weight decay on the matrices of matrix multiplies only (`decayed_parameters`)."
+    names = set(decayed_parameters(model))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if n in names]
+    no_decay = [p for n, p in params if n not in names]
     groups = [dict(params=decay, weight_decay=tc.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     fused = is_cuda(next(model.parameters()))
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, fused=fused)
