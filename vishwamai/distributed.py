@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import signal
 import subprocess
 import sys
 from typing import NamedTuple
@@ -154,13 +155,23 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def torchrun(code: str, nproc: int = 2, timeout: float = 300) -> str:
+def torchrun(code: str, nproc: int = 2, timeout: float = 150, attempts: int = 2) -> str:
     "Run Python `code` as a `torchrun --nproc-per-node nproc` job on this machine; returns rank 0's stdout."
     with open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vishwamai_job_{os.getpid()}.py"), "w") as f: f.write(code)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "--local-ranks-filter=0", f.name]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    os.unlink(f.name)
-    if proc.returncode: raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    try:
+        for attempt in range(attempts):  # a local gloo rendezvous occasionally stalls on a busy machine: start it afresh
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+                   f"--master-port={_free_port()}", "--local-ranks-filter=0", f.name]
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=env, start_new_session=True)  # its own process group: a stalled job is killed whole
+            try:
+                out, err = proc.communicate(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                if attempt == attempts - 1: raise
+    finally: os.unlink(f.name)
+    if proc.returncode: raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{err[-3000:]}")
+    return out
