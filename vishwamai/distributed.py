@@ -3,6 +3,7 @@
 # %% ../nbs/42_distributed.ipynb #8b485bd5
 from __future__ import annotations
 
+import math
 import os
 import socket
 import signal
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from .experts import Experts, sorted_expert_mlp
 from .device import is_cuda
@@ -21,8 +23,9 @@ from .moe import MoE
 from .sharding import num_experts_per_device
 
 # %% auto #0
-__all__ = ['DistInfo', 'init_distributed', 'ExpertParallelExperts', 'to_expert_parallel', 'data_parallel', 'global_loads',
-           'check_expert_parallel', 'torchrun']
+__all__ = ['DistInfo', 'init_distributed', 'ExpertParallelExperts', 'world_mesh', 'to_expert_parallel', 'expert_parameters',
+           'fsdp', 'global_loads', 'clip_grad_norm_', 'check_fsdp', 'torchrun', 'sharded_state_dict', 'full_state_dict',
+           'save_sharded', 'load_sharded']
 
 # %% ../nbs/42_distributed.ipynb #3a2f5014
 class DistInfo(NamedTuple):
@@ -45,11 +48,11 @@ def init_distributed(backend: str | None = None) -> DistInfo:
 
 # %% ../nbs/42_distributed.ipynb #bf888225
 class ExpertParallelExperts(nn.Module):
-    "The experts of an `Experts` module split over the processes of `group`: this process keeps its `E / W` experts."
-    def __init__(self, experts: Experts, group=None):
+    "The experts of an `Experts` module split over the 1-D device `mesh`: this process keeps its `E / W` experts."
+    def __init__(self, experts: Experts, mesh):
         super().__init__()
-        self.group = group
-        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.mesh, self.group = mesh, mesh.get_group()
+        self.world, self.rank = mesh.size(), mesh.get_local_rank()
         self.num_experts = experts.num_experts
         self.local = num_experts_per_device(experts.num_experts, self.world)
         sl = slice(self.rank * self.local, (self.rank + 1) * self.local)
@@ -58,6 +61,7 @@ class ExpertParallelExperts(nn.Module):
         self.norm_bias = nn.Parameter(experts.norm_bias.detach()[sl].clone())
         self.w1 = nn.Parameter(experts.w1.detach()[sl].clone())
         self.w2 = nn.Parameter(experts.w2.detach()[sl].clone())
+        self.splits = None  # (rows sent to, rows received from) each process in the last exchange
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, impl: str = "auto", start: int = 0,
                 state=None):
@@ -72,7 +76,7 @@ class ExpertParallelExperts(nn.Module):
         send.scatter_add_(0, expert // self.local, torch.ones_like(expert))
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        send_n, recv_n = send.tolist(), recv.tolist()  # split sizes must be host integers
+        send_n, recv_n = self.splits = send.tolist(), recv.tolist()  # split sizes must be host integers
         got = all_to_all_single(rows.new_empty(sum(recv_n), rows.shape[-1]), rows, recv_n, send_n, group=self.group)
         got_expert = expert.new_empty(sum(recv_n))
         dist.all_to_all_single(got_expert, expert % self.local, recv_n, send_n, group=self.group)
@@ -89,25 +93,39 @@ class ExpertParallelExperts(nn.Module):
         return self.w_out(mixed).view(*lead, -1), u.new_zeros(())
 
 # %% ../nbs/42_distributed.ipynb #6578da01
-def _expert_params(model: nn.Module) -> list[str]:
-    return [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)
-            for p in ("norm_weight", "norm_bias", "w1", "w2")]
+def world_mesh(device_type: str):
+    "A 1-D `DeviceMesh` over every process of the job (`device_type`: 'cpu' or 'cuda')."
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (dist.get_world_size(),))
 
-def to_expert_parallel(model: nn.Module, group=None) -> nn.Module:
+def to_expert_parallel(model: nn.Module, mesh=None) -> nn.Module:
     "Replace, in place, the experts of every MoE layer of `model` by this process's share (`ExpertParallelExperts`)."
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers: raise ValueError("the model has no MoE layer to split")
-    for moe in layers: moe.experts = ExpertParallelExperts(moe.experts, group)
+    if mesh is None: mesh = world_mesh(next(model.parameters()).device.type)
+    for moe in layers: moe.experts = ExpertParallelExperts(moe.experts, mesh)
     return model
 
-def data_parallel(model: nn.Module, device: torch.device, group=None) -> nn.Module:
-    "DDP over the replicated parameters; expert slices are left out of the all-reduce and their gradients scaled by 1/W."
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    experts = _expert_params(model)
-    world = dist.get_world_size(group)
-    for name in experts: model.get_parameter(name).register_hook(lambda g: g / world)
-    DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
-    return DDP(model, device_ids=[device.index] if is_cuda(device) else None, process_group=group)
+def expert_parameters(model: nn.Module) -> dict:
+    "The expert slices of an expert-parallel `model`, by name: each process holds different ones."
+    return {f"{name}.{p}": getattr(m, p) for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)
+            for p in ("norm_weight", "norm_bias", "w1", "w2")}
+
+# %% ../nbs/42_distributed.ipynb #d700b55f
+def fsdp(model: nn.Module, expert_parallel: bool = False, mesh=None) -> nn.Module:
+    """Shard `model` in place with FSDP2 over a 1-D device `mesh` spanning every process (by default, on the model's
+    device type): each block, then the rest. With `expert_parallel` the experts are first split over the same processes
+    (`to_expert_parallel`) and left to the all-to-all."""
+    from torch.distributed.fsdp import fully_shard
+    if mesh is None: mesh = world_mesh(next(model.parameters()).device.type)
+    if mesh.ndim != 1 or mesh.size() != dist.get_world_size():
+        raise ValueError(f"fsdp: needs a 1-D mesh over all {dist.get_world_size()} processes, got {mesh}")
+    ignored = None
+    if expert_parallel:
+        ignored = set(expert_parameters(to_expert_parallel(model, mesh)).values())
+        for p in ignored: p.register_hook(lambda g, w=mesh.size(): g / w)  # the mean over processes, as FSDP2's
+    for block in model.blocks: fully_shard(block, mesh=mesh, ignored_params=ignored)
+    return fully_shard(model, mesh=mesh, ignored_params=ignored)
 
 def global_loads(loads: list, group=None) -> list:
     "Per-layer expert loads summed over every process (for `update_balance_biases`)."
@@ -118,9 +136,30 @@ def global_loads(loads: list, group=None) -> list:
         out.append(load)
     return out
 
+# %% ../nbs/42_distributed.ipynb #b98b95c3
+def _local(t: torch.Tensor) -> torch.Tensor: return t.to_local() if isinstance(t, DTensor) else t
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of `model` to a total 2-norm of `max_norm` (0 or inf: only measure) and return the total norm,
+    the same on every process: FSDP2's gradient shards and expert slices are summed over the processes."""
+    sliced = {id(p) for p in expert_parameters(model).values()}
+    params = [p for p in model.parameters() if p.grad is not None]
+    spread = [p for p in params if isinstance(p.grad, DTensor) or id(p) in sliced]  # another part on each process
+    whole = [p for p in params if not (isinstance(p.grad, DTensor) or id(p) in sliced)]  # the same on every process
+    norm = torch.nn.utils.get_total_norm([p.grad for p in whole])
+    if spread:
+        squares = torch.nn.utils.get_total_norm([_local(p.grad) for p in spread]) ** 2
+        dist.all_reduce(squares)
+        norm = (norm.to(squares.device) ** 2 + squares).sqrt()
+    if max_norm and math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(whole, max_norm, norm)
+        for p in spread: _local(p.grad).mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
 # %% ../nbs/42_distributed.ipynb #a4388e2d
-def check_expert_parallel(cfg, batch_per_rank: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
-    "Inside a `torchrun` job: largest differences between the EP+DDP model and one process running the full model."
+def check_fsdp(cfg, expert_parallel: bool = False, batch_per_rank: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
+    "Inside a `torchrun` job: largest differences between the `fsdp` model and one process running the full model."
     from dataclasses import replace
     from vishwamai.model import Vishwamai
     info = init_distributed()
@@ -129,27 +168,29 @@ def check_expert_parallel(cfg, batch_per_rank: int = 2, seq_len: int = 16, seed:
     ref = Vishwamai(cfg).to(info.device)
     model = Vishwamai(cfg).to(info.device)
     model.load_state_dict(ref.state_dict())
-    ddp = data_parallel(to_expert_parallel(model), info.device)
+    model = fsdp(model, expert_parallel)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (info.world_size, batch_per_rank, seq_len), generator=g).to(info.device)
-    out = ddp(ids[info.rank], labels=ids[info.rank])
+    out = model(ids[info.rank], labels=ids[info.rank])
     out.loss.backward()
     ref_out = [ref(x, labels=x) for x in ids]
     (torch.stack([o.loss for o in ref_out]).mean()).backward()
     diffs = dict(logits=(out.logits - ref_out[info.rank].logits).abs().max().item(), grad=0.0)
-    local = cfg.num_experts // info.world_size
+    local = cfg.num_experts // info.world_size if expert_parallel else cfg.num_experts
     sl = slice(info.rank * local, (info.rank + 1) * local)
-    ref_params = dict(ref.named_parameters())
-    sliced = set(_expert_params(model))
+    ref_params, sliced = dict(ref.named_parameters()), expert_parameters(model)
     for name, p in model.named_parameters():  # the same names as the full model's
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         want = ref_params[name].grad[sl] if name in sliced else ref_params[name].grad
-        diffs["grad"] = max(diffs["grad"], (p.grad - want).abs().max().item())
-    diffs.update(rank=info.rank, world_size=info.world_size, experts_here=local, backend=dist.get_backend())
+        diffs["grad"] = max(diffs["grad"], (grad - want).abs().max().item())
+    diffs.update(norm=clip_grad_norm_(model, math.inf).item(),
+                 ref_norm=torch.nn.utils.clip_grad_norm_(ref.parameters(), math.inf).item(),
+                 rank=info.rank, world_size=info.world_size, experts_here=local, backend=dist.get_backend())
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, diffs)
-    dist.destroy_process_group()
     return dict(ranks=gathered)
 
+# %% ../nbs/42_distributed.ipynb #a27edf9f
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,3 +216,40 @@ def torchrun(code: str, nproc: int = 2, timeout: float = 150, attempts: int = 2)
     finally: os.unlink(f.name)
     if proc.returncode: raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{err[-3000:]}")
     return out
+
+# %% ../nbs/42_distributed.ipynb #075f53bf
+def sharded_state_dict(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
+    """`{'model': ..., 'optim': ...}` for `torch.distributed.checkpoint`: FSDP2's DTensors as they are; each expert slice,
+    and its optimizer state, as this process's `Shard(0)` of the full `[E, ...]` tensor."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    msd, osd = get_state_dict(model, opt) if opt is not None else (get_model_state_dict(model), None)
+    meshes = {name: model.get_submodule(name.rpartition(".")[0]).mesh for name in expert_parameters(model)}
+    def shard(name, v):  # new dicts throughout: the optimizer's own state must stay as it is
+        if name not in meshes or not isinstance(v, torch.Tensor) or not v.dim(): return v  # the step count: a scalar
+        return DTensor.from_local(v, meshes[name], [Shard(0)], run_check=False)
+    msd = {k: shard(k, v) for k, v in msd.items()}
+    if osd is None: return dict(model=msd)
+    state = {k: {n: shard(k, v) for n, v in st.items()} for k, st in osd["state"].items()}
+    return dict(model=msd, optim={**osd, "state": state})
+
+def full_state_dict(model: nn.Module) -> dict:
+    "The whole model's state, as an unsharded model names it, gathered on every process (each must call it)."
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sharded_state_dict(model)["model"].items()}
+
+# %% ../nbs/42_distributed.ipynb #917f5671
+def save_sharded(folder, model: nn.Module, opt: torch.optim.Optimizer | None = None):
+    "Write `model` (and `opt`) to `folder` with `torch.distributed.checkpoint`; every process must call it."
+    import torch.distributed.checkpoint as dcp
+    dcp.save(sharded_state_dict(model, opt), checkpoint_id=folder)
+
+def load_sharded(folder, model: nn.Module, opt: torch.optim.Optimizer | None = None):
+    "Load what `save_sharded` wrote into `model` (and `opt`), sharded as when it was saved; every process must call it."
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    sd, sliced = sharded_state_dict(model, opt), expert_parameters(model)
+    dcp.load(sd, checkpoint_id=folder)
+    msd = {k: _local(v) if k in sliced else v for k, v in sd["model"].items()}
+    if opt is None: return set_model_state_dict(model, msd)
+    osd = sd["optim"]
+    osd["state"] = {k: {n: _local(v) if k in sliced else v for n, v in st.items()} for k, st in osd["state"].items()}
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
