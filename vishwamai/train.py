@@ -311,7 +311,7 @@ class MetricsLog:
         self.tokens += tokens
 
 
-# %% ../nbs/34_train.ipynb #ab7d9368
+# %% ../nbs/34_train.ipynb #cae3a7a0
 @patch
 def flush(self: MetricsLog, step: int, lr: float) -> dict:
     "Log the pending steps up to `step` as one record; a non-finite loss raises `FloatingPointError` naming its step."
@@ -426,6 +426,7 @@ def open_metrics_log(run: Path, t: Trainer, history: dict, start: int) -> Metric
     cfg = t.model.cfg
     return MetricsLog(history, cfg.num_experts if cfg.use_moe else 0, path, writer)
 
+# %% ../nbs/34_train.ipynb #d056ac38
 def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, last_good, progress: bool) -> dict:
     "Steps `start..end-1` of `train`: step, log, evaluate and save at their intervals, save and stop on a signal."
     from tqdm.auto import tqdm
