@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
-from vishwamai.data import (EOT, IGNORE_INDEX, BPETokenizer, ByteTokenizer, PackedBlocks, encode_documents,
-                            eval_block_indices, line_overlap, load_corpus, load_tokenizer, make_loaders, prepare_data,
+from vishwamai.data import (EOT, IGNORE_INDEX, BPETokenizer, ByteTokenizer, PackedBlocks, batch_indices, encode_documents,
+                            eval_block_indices, get_batch, line_overlap, load_corpus, load_tokenizer, prepare_data,
                             split_documents, stdlib_files, token_dtype, tokenize_documents, unigram_baseline)
 
 SAMPLES = ["", "x", "déjà vu ✓ 🚀", "a\r\nb\tc   d\n\n", "    def f(self):\n        return {'k': [1, 2]}\n",
@@ -204,58 +204,48 @@ def test_unreachable_hub_dataset_names_the_source(monkeypatch):
         load_corpus("someone/stories")
 
 
-# --- loaders ----------------------------------------------------------------------------------------------------
+# --- batches ----------------------------------------------------------------------------------------------------
 
-def block_ids(batches, seq_len):
-    "Block index of every example, recovered from its first token (the stream is 0, 1, 2, ...)."
-    return [int(x[j, 0]) // seq_len for x, _ in batches for j in range(len(x))]
-
-
-def test_two_replicas_cover_every_block_once():
-    T = 8
-    train, val = PackedBlocks(torch.arange(8 * 40 + 1), T), PackedBlocks(torch.arange(8 * 10 + 1), T)
-    seen_train, seen_val = [], []
-    for rank in range(2):
-        tr, va = make_loaders(train, val, batch_size=4, num_replicas=2, rank=rank, seed=1)
-        tr.sampler.set_epoch(3)
-        seen_train += block_ids(tr, T)
-        seen_val += block_ids(va, T)
-        assert {tuple(x.shape) for x, _ in tr} == {(4, T)}
-    assert sorted(seen_train) == list(range(len(train)))
-    assert sorted(seen_val) == list(range(len(val)))
+def test_two_replicas_draw_one_process_batch_and_cover_every_block_once():
+    n, B = 40, 4
+    seen = []
+    for step in range(n // (2 * B)):
+        shares = [batch_indices(step, n, B, seed=1, num_replicas=2, rank=r) for r in range(2)]
+        assert torch.equal(torch.cat(shares), batch_indices(step, n, 2 * B, seed=1))
+        seen += torch.cat(shares).tolist()
+    assert sorted(seen) == list(range(n))
 
 
 def test_uneven_blocks_drop_without_duplicates():
-    T = 8
-    train = PackedBlocks(torch.arange(8 * 41 + 1), T)  # 41 blocks over 2 replicas
-    seen = []
-    for rank in range(2):
-        tr, _ = make_loaders(train, train, batch_size=4, num_replicas=2, rank=rank)
-        seen += block_ids(tr, T)
+    n, B = 41, 4  # 41 blocks over 2 replicas of 4: 5 steps, one block left over
+    seen = torch.cat([batch_indices(s, n, B, num_replicas=2, rank=r) for s in range(5) for r in range(2)]).tolist()
     assert len(seen) == len(set(seen)) == 40
+    assert not torch.equal(batch_indices(5, n, B), batch_indices(0, n, B))  # step 5 is in a new epoch
 
 
 def test_training_order_depends_on_seed_and_epoch_only():
-    blocks = PackedBlocks(torch.arange(8 * 30 + 1), 8)
-
     def order(seed, epoch):
-        tr, _ = make_loaders(blocks, blocks, batch_size=5, seed=seed)
-        tr.sampler.set_epoch(epoch)
-        return block_ids(tr, 8)
+        return torch.cat([batch_indices(s, 30, 5, seed) for s in range(6 * epoch, 6 * epoch + 6)]).tolist()
 
     assert order(0, 2) == order(0, 2)
     assert order(0, 2) != order(0, 3) and order(0, 2) != order(1, 2)
     assert sorted(order(0, 2)) == list(range(30))
 
 
-def test_loader_bad_input():
+def test_get_batch_stacks_inputs_and_shifted_labels():
     blocks = PackedBlocks(torch.arange(8 * 10 + 1), 8)
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        make_loaders(blocks, blocks, batch_size=11)
+    x, y = get_batch(blocks, torch.tensor([3, 0]))
+    assert x.shape == y.shape == (2, 8) and x[0, 0] == 24 and x[1, 0] == 0
+    assert torch.equal(y[:, :-1], x[:, 1:])
+
+
+def test_batch_indices_bad_input():
+    with pytest.raises(ValueError, match="cannot fill"):
+        batch_indices(0, 10, 11)
     with pytest.raises(ValueError, match="rank"):
-        make_loaders(blocks, blocks, batch_size=2, num_replicas=2, rank=2)
+        batch_indices(0, 10, 2, num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="batch_size"):
-        make_loaders(blocks, blocks, batch_size=0)
+        batch_indices(0, 10, 0)
 
 
 # --- unigram baseline -------------------------------------------------------------------------------------------

@@ -196,3 +196,53 @@ def test_weight_decay_goes_by_role():
     named = dict(model.named_parameters())
     for n in ("blocks.0.moe.experts.norm_weight", "blocks.0.attn.fusion.logits", "blocks.0.attn_norm.weight"):
         assert id(named[n]) in undecayed, n
+
+
+def _log(run) -> list:
+    import json
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_speed(records) -> list:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+@pytest.mark.exact
+def test_metrics_log_is_written_as_the_run_goes_and_a_resume_rewrites_the_steps_it_repeats(tmp_path, data):
+    """Exact for the reasons `test_resuming_follows_the_same_loss_trajectory` is: the same steps on the same machine."""
+    whole = train(CFG, replace(TC, out_dir=str(tmp_path / "a")), data=data, progress=False)["history"]
+    log = _log(tmp_path / "a")
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == [2, 4, 6, 8] and [r["step"] for r in log if "val_loss" in r] == [4, 8]
+    # the log's means are taken in float32, the history's floats here in float64
+    assert [r["loss"] for r in log if "loss" in r] == pytest.approx([sum(whole["loss"][s - 2:s]) / 2 for s in steps], rel=1e-6)
+    for r in (r for r in log if "loss" in r):
+        assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and len(r["moe"]) == CFG.n_layers
+        assert abs(sum(r["moe"][0]["load"]) - 1) < 1e-6 and 0 <= r["moe"][0]["dropped"] <= 1
+    # a run cut after step 6, its checkpoint at step 4: the resumed run drops the lines of steps 5-6 and logs them again
+    b = tmp_path / "b"
+    train(CFG, replace(TC, out_dir=str(b), save_every=4), data=data, until=4, progress=False)
+    with open(b / "metrics.jsonl", "a") as f: f.write('{"step": 6, "loss": 0.0}\n{"step": 8, "lo')  # then a crash mid-line
+    train(CFG, replace(TC, out_dir=str(b)), data=data, resume=True, progress=False)
+    assert _without_speed(_log(b)) == _without_speed(log)
+
+
+def test_a_folder_with_only_a_metrics_log_holds_a_run(tmp_path, data):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 5.0}\n')
+    with pytest.raises(FileExistsError, match="holds an earlier run"):
+        train(CFG, replace(TC, out_dir=str(tmp_path)), data=data, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 2, "loss": 5.0}\n'
+
+
+def test_tensorboard_events_hold_the_logged_values(tmp_path, data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(CFG, replace(TC, out_dir=str(tmp_path), tensorboard=True), data=data, progress=False)
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    log = _log(tmp_path)
+    for key in ("loss", "grad_norm", "val_loss"):
+        want = [(r["step"], r[key]) for r in log if key in r]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert all(abs(g - w) <= 1e-6 * abs(w) for (_, g), (_, w) in zip(got, want))  # events store float32
+    assert len(events.Scalars("moe/0/load/3")) == 4

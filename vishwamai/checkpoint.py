@@ -200,9 +200,9 @@ class RunLock:
 
 # %% ../nbs/33_checkpoint.ipynb #83b747af
 def holds_run(run_dir) -> bool:
-    "Whether `run_dir` holds an earlier run: checkpoints or a saved history."
+    "Whether `run_dir` holds an earlier run: checkpoints, a saved history or a metrics log."
     p = Path(run_dir)
-    return any((p / "checkpoints").glob("step-*")) or (p / "history.json").exists()
+    return any((p / "checkpoints").glob("step-*")) or any((p / f).exists() for f in ("history.json", "metrics.jsonl"))
 
 def clean_stale_saves(run_dir) -> list[Path]:
     """Remove what crashed saves left under `run_dir/checkpoints` (temporary folders and files) and put back a checkpoint

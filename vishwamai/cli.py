@@ -46,11 +46,12 @@ def train_command(
     save_every:int=100,  # steps between checkpoints (a run also saves at its end and when interrupted)
     device:str="auto",  # auto, cpu, cuda, cuda:N or xla
     precision:str="auto",  # auto, fp32, bf16 or fp16
-    out:str="runs/default",  # folder for checkpoints, loss.png and history.json: one run per folder
+    out:str="runs/default",  # folder for checkpoints, metrics.jsonl, loss.png and history.json: one run per folder
     resume:bool=False,  # continue the run in --out from its latest checkpoint
     overwrite:bool=False,  # replace the run in --out (a folder holding a run needs --resume or --overwrite)
     seed:int=0,  # random seed
     eager:bool=False,  # CUDA: run the training step without torch.compile
+    tensorboard:bool=False,  # also write the metrics as TensorBoard events in --out/tensorboard
     expert_parallel:bool=False,  # XLA only: split the experts over every XLA device (SPMD)
 ):
     "Train a Vishwamai model and report its validation loss against the unigram baseline."
@@ -58,7 +59,8 @@ def train_command(
     cfg = model_config(preset, config)
     tc = TrainConfig(dataset=dataset, tokenizer=tokenizer, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                      device=device, precision=precision, out_dir=out, seed=seed, warmup_steps=min(100, steps // 10),
-                     eval_every=max(1, steps // 4), save_every=save_every, eager=eager, expert_parallel=expert_parallel)
+                     eval_every=max(1, steps // 4), save_every=save_every, eager=eager, expert_parallel=expert_parallel,
+                     tensorboard=tensorboard)
     print(f"training {config or repr(preset) + ' preset'} on {dataset!r} for {steps} steps; output in {out}/")
     res = train(cfg, tc, resume=resume, overwrite=overwrite)
     report(res, Path(out), title=f"{Path(config).stem if config else preset} on {dataset}")

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 # %% auto #0
 __all__ = ['EOT', 'TEXT_SUFFIXES', 'IGNORE_INDEX', 'stdlib_files', 'load_corpus', 'corpus_stats', 'split_documents',
            'line_overlap', 'ByteTokenizer', 'BPETokenizer', 'load_tokenizer', 'bytes_per_token', 'token_dtype',
-           'tokenize_documents', 'encode_documents', 'PackedBlocks', 'make_loaders', 'unigram_baseline', 'TextData',
-           'prepare_data', 'eval_block_indices']
+           'tokenize_documents', 'encode_documents', 'PackedBlocks', 'batch_indices', 'get_batch', 'unigram_baseline',
+           'TextData', 'prepare_data', 'eval_block_indices']
 
 # %% ../nbs/30_data.ipynb #ecd45fad
 EOT = "<|endoftext|>"  # the separator placed after every document
@@ -355,23 +355,30 @@ class PackedBlocks(Dataset):
         return x, y
 
 # %% ../nbs/30_data.ipynb #384cf86a
-def make_loaders(train: Dataset, val: Dataset, batch_size: int, *, seed: int = 0, drop_last: bool = True,
-                 num_replicas: int = 1, rank: int = 0, num_workers: int = 0):
-    "Training and validation `DataLoader`s over replica `rank` of `num_replicas`; call `sampler.set_epoch(epoch)` each epoch."
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(num_replicas, int) or num_replicas < 1:
-        raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}")
+def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int = 0, *, num_replicas: int = 1,
+                  rank: int = 0) -> torch.Tensor:
+    """Block indices of replica `rank`'s share of batch `step`: each epoch is a permutation seeded by `(seed, epoch)`,
+    cut into global batches of `batch_size * num_replicas` blocks, so any step's batch is known without replaying a run."""
+    for name, v in (("batch_size", batch_size), ("num_replicas", num_replicas)):
+        if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(rank, int) or not 0 <= rank < num_replicas:
         raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank!r}")
-    train_sampler = DistributedSampler(train, num_replicas, rank, shuffle=True, seed=seed, drop_last=drop_last)
-    val_sampler = DistributedSampler(val, num_replicas, rank, shuffle=False)
-    if drop_last and len(train_sampler) < batch_size:
-        raise ValueError(f"the training split gives {len(train_sampler)} block(s) per replica, fewer than one batch of "
-                         f"{batch_size}; use a smaller batch_size or seq_len, or more text")
-    train_dl = DataLoader(train, batch_size, sampler=train_sampler, drop_last=drop_last, num_workers=num_workers)
-    val_dl = DataLoader(val, batch_size, sampler=val_sampler, drop_last=False, num_workers=num_workers)
-    return train_dl, val_dl
+    global_batch = batch_size * num_replicas
+    per_epoch = n_blocks // global_batch  # the rest of each epoch is dropped: every batch has one shape
+    if per_epoch == 0:
+        raise ValueError(f"{n_blocks} training blocks cannot fill one batch of {batch_size} on each of {num_replicas} "
+                         "replica(s); use a smaller batch_size or seq_len, or more text")
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    first = i * global_batch + rank * batch_size
+    return perm[first:first + batch_size]
+
+def get_batch(blocks, idx: torch.Tensor, device: torch.device | None = None):
+    "Stack the blocks `idx` of a `PackedBlocks` into `(inputs, labels)`, on `device` if given."
+    xs, ys = zip(*(blocks[int(i)] for i in idx))
+    x, y = torch.stack(xs), torch.stack(ys)
+    return (x, y) if device is None else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
 
 # %% ../nbs/30_data.ipynb #5c3da938
 def unigram_baseline(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int, alpha: float = 1.0) -> float:

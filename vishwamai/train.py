@@ -3,32 +3,37 @@
 # %% ../nbs/34_train.ipynb #d7e44743
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
 import shutil
 import signal
 import tempfile
 import time
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .checkpoint import (RunLock, check_same_config, clean_stale_saves, find_checkpoint, holds_run,
-                                  load_checkpoint, load_config, save_checkpoint, tokenizer_digest)
+                                  load_checkpoint, load_config, save_checkpoint, tokenizer_digest, write_atomic)
 from .config import VishwamaiConfig
-from .data import eval_block_indices
+from .data import batch_indices, eval_block_indices, get_batch
 from .device import (autocast, compile_step, device_loader, disable_host_checks, is_cpu, is_cuda, is_xla,
                               manual_seed, move_model, resolve_device, resolve_precision, set_rng_state, step_boundary)
 from .model import Vishwamai, next_token_loss
 from .sharding import enable_spmd, shard_model_experts
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'TrainConfig', 'decayed_parameters', 'make_optimizer', 'lr_factor', 'make_scheduler', 'batch_indices',
-           'get_batch', 'step_batches', 'Trainer', 'make_trainer', 'forward_backward', 'train_step', 'evaluate',
-           'training_data', 'restore', 'TrainingDiverged', 'LossLog', 'StopOnSignal', 'start_run', 'replace_run',
-           'validate', 'save_step', 'run_steps', 'train', 'plot_history']
+__all__ = ['PRECISIONS', 'TrainConfig', 'decayed_parameters', 'make_optimizer', 'lr_factor', 'make_scheduler', 'step_batches',
+           'Trainer', 'make_trainer', 'forward_backward', 'StepMetrics', 'moe_metrics', 'train_step', 'evaluate',
+           'training_data', 'restore', 'TrainingDiverged', 'MetricsLog', 'StopOnSignal', 'start_run', 'replace_run',
+           'validate', 'save_step', 'open_metrics_log', 'run_steps', 'train', 'plot_history']
 
 # %% ../nbs/34_train.ipynb #90a43b88
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -86,6 +91,7 @@ class TrainConfig:
     seed: int = 0  # seeds data order, initialization, dropout and routing noise
     out_dir: str = "runs/default"  # checkpoints, the loss plot and the log go here
     eager: bool = False  # CUDA: run the step eagerly instead of under torch.compile
+    tensorboard: bool = False  # also write the metrics log as TensorBoard events (needs the tensorboard extra)
     expert_parallel: bool = False  # XLA only: split each MoE layer's experts over every XLA device (SPMD); batches stay whole
 
     def __post_init__(self):
@@ -123,26 +129,15 @@ def make_scheduler(opt, tc: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, tc))
 
 # %% ../nbs/34_train.ipynb #b767d7ec
-def batch_indices(step: int, n_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
-    "Block indices of micro-batch `step`: a seeded permutation per epoch, so any step's batch is known without replaying the run."
-    per_epoch = n_blocks // batch_size
-    if per_epoch == 0: raise ValueError(f"{n_blocks} training blocks cannot fill one batch of {batch_size}")
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[i * batch_size:(i + 1) * batch_size]
-
-def get_batch(blocks, idx: torch.Tensor, device: torch.device | None = None):
-    "Stack the blocks `idx` of a `PackedBlocks` into `(inputs, labels)`, on `device` if given."
-    xs, ys = zip(*(blocks[int(i)] for i in idx))
-    x, y = torch.stack(xs), torch.stack(ys)
-    return (x, y) if device is None else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-
-def step_batches(blocks, tc: TrainConfig, start: int, end: int):
-    "The host batches of optimizer steps `start..end-1`: `(inputs, labels)` of shape `[grad_accum, batch_size, seq_len]`."
+def step_batches(blocks, tc: TrainConfig, start: int, end: int, num_replicas: int = 1, rank: int = 0):
+    """The host batches of optimizer steps `start..end-1` for replica `rank` of `num_replicas`: `(inputs, labels)` of shape
+    `[grad_accum, batch_size, seq_len]`."""
     for step in range(start, end):
-        micro = [get_batch(blocks, batch_indices(step * tc.grad_accum + m, len(blocks), tc.batch_size, tc.seed))
+        micro = [get_batch(blocks, batch_indices(step * tc.grad_accum + m, len(blocks), tc.batch_size, tc.seed,
+                                                 num_replicas=num_replicas, rank=rank))
                  for m in range(tc.grad_accum)]
         yield torch.stack([x for x, _ in micro]), torch.stack([y for _, y in micro])
+
 
 # %% ../nbs/34_train.ipynb #9c4dad2f
 @dataclass
@@ -183,25 +178,39 @@ def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple:
     return lm.detach(), out.aux_loss.detach(), out.moe_stats
 
 # %% ../nbs/34_train.ipynb #07bc29a9
-def train_step(t: Trainer, xs: torch.Tensor, ys: torch.Tensor) -> tuple:
+class StepMetrics(NamedTuple):
+    "What one optimizer step reports, as tensors on the device: reading them is left to the log (a read stalls a device)."
+    lm: torch.Tensor  # mean next-token loss of the micro-batches (fp32)
+    aux: torch.Tensor  # mean auxiliary loss: balance + router z-loss (fp32)
+    grad_norm: torch.Tensor  # global gradient norm before clipping
+    moe: torch.Tensor  # [n_layers, 2 + E] per MoE layer: dropped fraction, router entropy, tokens per expert ([0, 2] if dense)
+
+def moe_metrics(stats: list) -> torch.Tensor:
+    "One micro-batch's MoE statistics as rows `[dropped fraction, router entropy, tokens per expert...]`, one per layer."
+    if not stats or not stats[0]: return torch.zeros(0, 2)
+    return torch.stack([torch.cat([s["dropped_fraction"].float().reshape(1), s["router_entropy"].float().reshape(1),
+                                   s["load"].float()]) for s in stats])
+
+def train_step(t: Trainer, xs: torch.Tensor, ys: torch.Tensor) -> StepMetrics:
     """One optimizer step on micro-batches `xs`, `ys` `[grad_accum, B, T]`: accumulate, unscale (fp16), clip, step, zero the
-    gradients, update the balancing biases. Returns the mean LM and aux losses as fp32 tensors on the device (no host read)."""
-    lm_sum = aux_sum = 0.0
-    loads = [0] * t.model.cfg.n_layers  # tokens per expert over this step's micro-batches, for bias balancing
+    gradients, update the balancing biases. Returns its `StepMetrics`, on the device (no host read)."""
+    lm_sum = aux_sum = moe = 0.0
     for x, y in zip(xs.unbind(0), ys.unbind(0)):
         lm, aux, stats = forward_backward(t, x, y)
         lm_sum = lm_sum + lm / t.tc.grad_accum
         aux_sum = aux_sum + aux / t.tc.grad_accum
-        if t.balancing: loads = [load + s["load"] for load, s in zip(loads, stats)]
+        moe = moe + moe_metrics(stats).to(lm.device)
+    moe = moe * torch.tensor([1 / t.tc.grad_accum] * 2 + [1.0] * (moe.shape[-1] - 2), device=lm.device)  # means; loads summed
     if t.scaler: t.scaler.unscale_(t.opt)
-    if t.tc.grad_clip: torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.tc.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.tc.grad_clip or float("inf"))  # inf: measure only
     if t.scaler:
         t.scaler.step(t.opt)
         t.scaler.update()
     else: t.opt.step()
     t.opt.zero_grad(set_to_none=True)
-    if t.balancing: t.model.update_balance_biases(loads)
-    return lm_sum.float(), aux_sum.float()
+    if t.balancing: t.model.update_balance_biases(list(moe[:, 2:]))  # tokens per expert over this step's micro-batches
+    return StepMetrics(lm_sum.float(), aux_sum.float(), grad_norm.float(), moe)
+
 
 # %% ../nbs/34_train.ipynb #358f34e2
 @torch.no_grad()
@@ -271,22 +280,71 @@ class TrainingDiverged(FloatingPointError):
         return cls(f"training diverged: {what}; {fix}")
 
 # %% ../nbs/34_train.ipynb #1fd69a96
-class LossLog:
-    "Per-step (LM, aux) losses, kept on the device and read back to the host only when flushed (a read stalls an accelerator)."
-    def __init__(self, history: dict): self.history, self.pending = history, []
+class MetricsLog:
+    """Each step's `StepMetrics`, kept on the device and read back to the host only when flushed (a read stalls an
+    accelerator). Every flush extends `history` and appends one JSON line to `path` (and to TensorBoard's `writer`)."""
+    def __init__(self, history: dict, num_experts: int = 0, path: Path | None = None, writer=None):
+        self.history, self.num_experts, self.path, self.writer, self.pending = history, num_experts, path, writer, []
+        self.tokens, self.paused = 0, 0.0  # tokens trained on; seconds spent on anything else (evaluation, saving)
+        self.begin = self.window = self._mark()
 
-    def append(self, losses: tuple): self.pending.append(losses)
+    def _mark(self) -> tuple: return time.perf_counter(), self.paused, self.tokens
 
-    def flush(self, step: int) -> int | None:
-        "Move the pending losses of the steps up to `step` into the history; returns the first non-finite step, if any."
-        if not self.pending: return None
-        vals = torch.stack([torch.stack(p) for p in self.pending]).tolist()
-        self.pending.clear()
-        bad = [i for i, (lm, aux) in enumerate(vals) if not (math.isfinite(lm) and math.isfinite(aux))]
-        if bad: return step - len(vals) + bad[0] + 1
-        self.history["loss"] += [lm for lm, _ in vals]
-        self.history["aux"] += [aux for _, aux in vals]
-        return None
+    def _rate(self, mark: tuple) -> float:
+        "Training tokens per second since `mark`, leaving paused time out."
+        clock, paused, tokens = mark
+        busy = time.perf_counter() - clock - (self.paused - paused)
+        return (self.tokens - tokens) / busy if busy > 0 else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float: return self._rate(self.begin)
+
+    @contextmanager
+    def pause(self):
+        "Leave the time spent inside out of tokens/s."
+        t0 = time.perf_counter()
+        try: yield
+        finally: self.paused += time.perf_counter() - t0
+
+    def append(self, m: StepMetrics, tokens: int):
+        self.pending.append(torch.cat([m.lm[None], m.aux[None], m.grad_norm[None], m.moe.flatten()]))
+        self.tokens += tokens
+
+
+# %% ../nbs/34_train.ipynb #cae3a7a0
+@patch
+def flush(self: MetricsLog, step: int, lr: float) -> dict:
+    "Log the pending steps up to `step` as one record; a non-finite loss raises `FloatingPointError` naming its step."
+    vals = torch.stack(self.pending).float().cpu()  # the one host read
+    self.pending.clear()
+    bad = (~torch.isfinite(vals[:, :2])).any(1).nonzero()
+    if len(bad): raise FloatingPointError(f"the loss became non-finite at step {step - len(vals) + int(bad[0]) + 1}")
+    self.history["loss"] += vals[:, 0].tolist()
+    self.history["aux"] += vals[:, 1].tolist()
+    loss, aux, grad_norm = vals[:, :3].mean(0).tolist()
+    rows = vals[:, 3:].reshape(len(vals), -1, 2 + self.num_experts).mean(0) if self.num_experts else []
+    moe = [dict(load=(r[2:] / r[2:].sum()).tolist(), dropped=r[0].item(), router_entropy=r[1].item()) for r in rows]
+    record = dict(step=step, loss=loss, aux=aux, grad_norm=grad_norm, lr=lr, tokens_per_s=self._rate(self.window), moe=moe)
+    self.window = self._mark()
+    self.write(record)
+    return record
+
+@patch
+def write(self: MetricsLog, record: dict):
+    "Append `record` as one line (at once: a crash keeps every line before it), and its numbers to TensorBoard."
+    if self.path is not None:
+        with open(self.path, "a") as f: f.write(json.dumps(record) + "\n")
+    if self.writer is None: return
+    for k, v in record.items():
+        if k != "step" and isinstance(v, float): self.writer.add_scalar(k, v, record["step"])
+    for i, layer in enumerate(record.get("moe", [])):
+        for name in ("dropped", "router_entropy"): self.writer.add_scalar(f"moe/{i}/{name}", layer[name], record["step"])
+        for e, share in enumerate(layer["load"]): self.writer.add_scalar(f"moe/{i}/load/{e}", share, record["step"])
+
+@patch
+def close(self: MetricsLog):
+    if self.writer is not None: self.writer.close()
+
 
 # %% ../nbs/34_train.ipynb #f7b1d4b0
 class StopOnSignal:
@@ -328,9 +386,11 @@ def start_run(run: Path, resume: bool, overwrite: bool) -> Path | None:
     return ckpt_dir
 
 def replace_run(run: Path):
-    "Delete the earlier run in `run` (its checkpoints, history and plot): called once the new run is ready to take its place."
+    "Delete the earlier run in `run` (checkpoints, history, plot, metrics log), once the new run is ready to take its place."
     for p in (run / "checkpoints").glob("step-*"): shutil.rmtree(p)
-    for p in (run / "checkpoints" / "latest", run / "history.json", run / "loss.png"): p.unlink(missing_ok=True)
+    for p in (run / "checkpoints" / "latest", run / "history.json", run / "loss.png", run / "metrics.jsonl"):
+        p.unlink(missing_ok=True)
+    shutil.rmtree(run / "tensorboard", ignore_errors=True)
 
 # %% ../nbs/34_train.ipynb #fce1b50c
 def validate(t: Trainer, data, history: dict, done: int, last_good):
@@ -351,41 +411,55 @@ def save_step(t: Trainer, data, run: Path, history: dict, done: int, last_good) 
         raise OSError(f"could not save the checkpoint of step {done}: {e}; {kept}") from None
 
 # %% ../nbs/34_train.ipynb #114a365e
+def open_metrics_log(run: Path, t: Trainer, history: dict, start: int) -> MetricsLog:
+    "The run's `MetricsLog` on `run/metrics.jsonl`, without the lines of steps after `start` (a resumed run logs them again)."
+    path = run / "metrics.jsonl"
+    if path.exists():
+        def kept(line):  # a line cut short by a crash is dropped with the steps after the checkpoint
+            try: return json.loads(line)["step"] <= start
+            except (ValueError, KeyError): return False
+        write_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines() if kept(line)))
+    writer = None
+    if t.tc.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(run / "tensorboard", purge_step=start + 1)  # drops the events of steps after `start`
+    cfg = t.model.cfg
+    return MetricsLog(history, cfg.num_experts if cfg.use_moe else 0, path, writer)
+
+# %% ../nbs/34_train.ipynb #d056ac38
 def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, last_good, progress: bool) -> dict:
     "Steps `start..end-1` of `train`: step, log, evaluate and save at their intervals, save and stop on a signal."
     from tqdm.auto import tqdm
-    tc, log = t.tc, LossLog(history)
+    tc, log = t.tc, open_metrics_log(run, t, history, start)
     step_fn = compile_step(train_step, t.device, tc.eager)  # one XLA graph per step; torch.compile on CUDA
     batches = device_loader(step_batches(data.train, tc, start, end), t.device)  # background transfer on XLA
     t.model.train()
-    t0, paused, tokens = time.perf_counter(), 0.0, 0
     # the bar closes before any error message is printed: its last line must not follow the message
     with tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step") as bar, \
-         StopOnSignal() as stop:
+         StopOnSignal() as stop, closing(log):
         for step, (xs, ys) in zip(range(start, end), batches):
-            try: log.append(step_fn(t, xs, ys))
+            try: log.append(step_fn(t, xs, ys), xs.numel())
             except FloatingPointError as e: raise TrainingDiverged.at(f"at step {step + 1}: {e}", last_good) from e
-            tokens += xs.numel()
             t.sched.step()
             history["lr"].append(t.sched.get_last_lr()[0])
             done = step + 1
-            saving = done % tc.save_every == 0 or done == end or stop.signum
-            if done % tc.log_every == 0 or saving or done % tc.eval_every == 0:
-                bad = log.flush(done)  # a host read: the steps so far have finished
-                if bad is not None: raise TrainingDiverged.at(f"the loss became non-finite at step {bad}", last_good)
-                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", lr=f"{history['lr'][-1]:.2e}")
-            t1 = time.perf_counter()  # evaluation and saving are not training: their time is left out of tokens/s
-            if saving: last_good = save_step(t, data, run, history, done, last_good)
-            elif done % tc.eval_every == 0: validate(t, data, history, done, last_good)
-            paused += time.perf_counter() - t1
+            saving, evaluating = done % tc.save_every == 0 or done == end or stop.signum, done % tc.eval_every == 0
+            if done % tc.log_every == 0 or saving or evaluating:
+                try: rec = log.flush(done, history["lr"][-1])  # a host read: the steps so far have finished
+                except FloatingPointError as e: raise TrainingDiverged.at(str(e), last_good) from None
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+            with log.pause():
+                if saving: last_good = save_step(t, data, run, history, done, last_good)
+                elif evaluating: validate(t, data, history, done, last_good)
+            if saving or evaluating: log.write(dict(step=done, val_loss=history["val"][-1][1]))
             bar.update(1)
             if stop.signum:
                 bar.write(f"interrupted by {signal.Signals(stop.signum).name} after step {done}: saved {last_good}")
                 break
-    elapsed = time.perf_counter() - t0 - paused
-    return dict(history=history, checkpoint=last_good, tokens_per_s=tokens / elapsed if elapsed > 0 else float("nan"),
+    return dict(history=history, checkpoint=last_good, tokens_per_s=log.tokens_per_s,
                 val_loss=history["val"][-1][1] if history["val"] else None, unigram=history["unigram"], data=data,
                 model=t.model, interrupted=stop.signum)
+
 
 # %% ../nbs/34_train.ipynb #2b65cd26
 def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None, until: int | None = None,
@@ -395,6 +469,8 @@ def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None
     checkpoint) after that step, keeping the schedule of `tc.steps`."""
     if tc.expert_parallel: enable_spmd()  # SPMD must own the process before its XLA device exists
     device = resolve_device(tc.device)
+    if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError("TrainConfig.tensorboard needs the tensorboard package: pip install 'vishwamai[tensorboard]'")
     precision = resolve_precision(tc.precision, device)
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={tc.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
