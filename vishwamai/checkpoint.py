@@ -58,23 +58,26 @@ def count_non_finite(model) -> int:
 # %% ../nbs/33_checkpoint.ipynb #49861985
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "train_config.json", "train_state.pt")
 
-def _write_files(folder: Path, step: int, model, device, tokenizer, train_config, opt, sched, scaler, history):
+def _write_files(folder: Path, step: int, model, device, tokenizer, train_config, opt, sched, scaler, history, shards=None,
+                 extra_state=None):
     "Write a checkpoint's files into `folder` and flush them to the disk; `model` is a host copy, `device` the run's."
     from safetensors.torch import save_model
     save_model(model, str(folder / "model.safetensors"))
     model.cfg.to_json(folder / "config.json")
     tokenizer.save(folder / "tokenizer.json")
     (folder / "train_config.json").write_text(json.dumps(asdict(train_config), indent=2))
-    torch.save(dict(step=step, optimizer=to_cpu(opt.state_dict()) if opt else None,
-                    scheduler=sched.state_dict() if sched else None, scaler=scaler.state_dict() if scaler else None,
-                    rng=rng_state(device), history=history or {}), folder / "train_state.pt")
+    torch.save({**dict(step=step, optimizer=to_cpu(opt.state_dict()) if opt else None,
+                       scheduler=sched.state_dict() if sched else None, scaler=scaler.state_dict() if scaler else None,
+                       rng=rng_state(device), history=history or {}), **(extra_state or {})}, folder / "train_state.pt")
+    if shards is not None: Path(shards).rename(folder / "dcp")  # a distributed run's shards (the distributed chapter)
     for f in folder.iterdir(): fsync_path(f)
     fsync_path(folder)
 
 def save_checkpoint(run_dir, step: int, model, tokenizer, train_config, opt=None, sched=None, scaler=None,
-                    history: dict | None = None, keep: int = 2) -> Path:
+                    history: dict | None = None, keep: int = 2, shards=None, extra_state: dict | None = None) -> Path:
     """Write a complete checkpoint of `step` under `run_dir/checkpoints`, atomically and durably, keeping the newest
-    `keep`; returns its folder. Refuses non-finite weights (`FloatingPointError`); a failed write raises `OSError`."""
+    `keep`; returns its folder. Refuses non-finite weights (`FloatingPointError`); a failed write raises `OSError`.
+    `shards`, a folder of DCP shards, moves into the checkpoint as `dcp/`; `extra_state` adds to `train_state.pt`."""
     host = host_copy(model)  # safetensors reads host memory; counting there compiles no new XLA graph
     if (bad := count_non_finite(host)):
         raise FloatingPointError(f"the weights of step {step} hold {bad:,} non-finite values; not saved")
@@ -84,7 +87,8 @@ def save_checkpoint(run_dir, step: int, model, tokenizer, train_config, opt=None
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # everything goes into a temporary folder first: a failure here leaves earlier checkpoints untouched
         tmp.mkdir()
-        _write_files(tmp, step, host, next(model.parameters()).device, tokenizer, train_config, opt, sched, scaler, history)
+        _write_files(tmp, step, host, next(model.parameters()).device, tokenizer, train_config, opt, sched, scaler, history,
+                     shards, extra_state)
         old = final.with_name(final.name + ".old")
         if final.exists(): final.rename(old)
         tmp.rename(final)

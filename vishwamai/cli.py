@@ -40,7 +40,7 @@ def train_command(
     dataset:str="stdlib",  # 'stdlib' (offline), a local file or folder, or a Hugging Face dataset name
     tokenizer:str="bpe",  # 'bpe' (trained on the training split), 'byte', or a saved tokenizer.json
     steps:int=600,  # optimizer steps
-    batch_size:int=16,  # blocks per step
+    batch_size:int=16,  # blocks per step (on each process under torchrun)
     seq_len:int=128,  # tokens per block
     lr:float=3e-3,  # peak learning rate
     save_every:int=100,  # steps between checkpoints (a run also saves at its end and when interrupted)
@@ -52,7 +52,7 @@ def train_command(
     seed:int=0,  # random seed
     eager:bool=False,  # CUDA: run the training step without torch.compile
     tensorboard:bool=False,  # also write the metrics as TensorBoard events in --out/tensorboard
-    expert_parallel:bool=False,  # XLA only: split the experts over every XLA device (SPMD)
+    expert_parallel:bool=False,  # split the experts over every XLA device (SPMD) or over the processes of torchrun
 ):
     "Train a Vishwamai model and report its validation loss against the unigram baseline."
     from vishwamai.train import TrainConfig, train
@@ -61,11 +61,13 @@ def train_command(
                      device=device, precision=precision, out_dir=out, seed=seed, warmup_steps=min(100, steps // 10),
                      eval_every=max(1, steps // 4), save_every=save_every, eager=eager, expert_parallel=expert_parallel,
                      tensorboard=tensorboard)
-    print(f"training {config or repr(preset) + ' preset'} on {dataset!r} for {steps} steps; output in {out}/")
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the job
+    if lead: print(f"training {config or repr(preset) + ' preset'} on {dataset!r} for {steps} steps; output in {out}/")
     res = train(cfg, tc, resume=resume, overwrite=overwrite)
-    report(res, Path(out), title=f"{Path(config).stem if config else preset} on {dataset}")
+    if lead: report(res, Path(out), title=f"{Path(config).stem if config else preset} on {dataset}")
     if res["interrupted"]:
-        print(f"resume with: {resume_command(sys.argv[1:])}")
+        launch = f"torchrun --nproc-per-node {os.environ['WORLD_SIZE']} --no-python " if "WORLD_SIZE" in os.environ else ""
+        if lead: print(f"resume with: {launch}{resume_command(sys.argv[1:])}")
         raise SystemExit(128 + res["interrupted"])  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 # %% ../nbs/36_cli.ipynb #d5ce34ce

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -17,34 +19,47 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from .checkpoint import save_checkpoint
+from .device import rng_state, to_cpu
 from .experts import Experts, sorted_expert_mlp
-from .device import is_cuda
+from .model import Vishwamai
 from .moe import MoE
 from .sharding import num_experts_per_device
 
 # %% auto #0
-__all__ = ['DistInfo', 'init_distributed', 'ExpertParallelExperts', 'world_mesh', 'to_expert_parallel', 'expert_parameters',
-           'fsdp', 'global_loads', 'clip_grad_norm_', 'check_fsdp', 'torchrun', 'sharded_state_dict', 'full_state_dict',
-           'save_sharded', 'load_sharded']
+__all__ = ['DistInfo', 'torchrun_world', 'init_distributed', 'ExpertParallelExperts', 'world_mesh', 'to_expert_parallel',
+           'expert_parameters', 'fsdp', 'clip_grad_norm_', 'check_fsdp', 'torchrun', 'sharded_state_dict',
+           'full_state_dict', 'save_sharded', 'load_sharded', 'reduce_step_metrics', 'any_process', 'rank0_first',
+           'check_same_world', 'save_sharded_checkpoint', 'load_sharded_checkpoint']
 
 # %% ../nbs/42_distributed.ipynb #3a2f5014
 class DistInfo(NamedTuple):
-    "Where this process sits: its rank among `world_size` processes and its device."
+    "Where this process sits: its rank among `world_size` processes, its device, and a gloo group for host values."
     rank: int
     world_size: int
     device: torch.device
+    host_group: object  # small host-side exchanges (a stop flag, errors) that must not wait for a GPU
 
-def init_distributed(backend: str | None = None) -> DistInfo:
-    "Join the process group `torchrun` describes (NCCL on GPUs, gloo on CPUs) and return this process's place in it."
+def torchrun_world() -> int:
+    "How many processes the `torchrun` job this process belongs to has: its `WORLD_SIZE`, 1 outside a job."
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group `torchrun` describes and return this process's place in it: GPU `LOCAL_RANK` with NCCL for
+    `device` 'cuda' (or 'auto' where CUDA is available), the CPU with gloo for 'cpu'."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"init_distributed: {', '.join(missing)} not set; start the script with torchrun --nproc-per-node "
                            "N script.py")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if is_cuda(device): torch.cuda.set_device(device)
-    if not dist.is_initialized(): dist.init_process_group(backend or ("nccl" if is_cuda(device) else "gloo"))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), device)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"under torchrun the device must be 'auto', 'cpu' or 'cuda' (each process takes GPU LOCAL_RANK), "
+                         f"got {device!r}")
+    gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+    if gpu: torch.cuda.set_device(dev)
+    if not dist.is_initialized(): dist.init_process_group("nccl" if gpu else "gloo")
+    host = dist.new_group(backend="gloo") if gpu else dist.group.WORLD
+    return DistInfo(dist.get_rank(), dist.get_world_size(), dev, host)
 
 # %% ../nbs/42_distributed.ipynb #bf888225
 class ExpertParallelExperts(nn.Module):
@@ -127,15 +142,6 @@ def fsdp(model: nn.Module, expert_parallel: bool = False, mesh=None) -> nn.Modul
     for block in model.blocks: fully_shard(block, mesh=mesh, ignored_params=ignored)
     return fully_shard(model, mesh=mesh, ignored_params=ignored)
 
-def global_loads(loads: list, group=None) -> list:
-    "Per-layer expert loads summed over every process (for `update_balance_biases`)."
-    out = []
-    for load in loads:
-        load = load.clone()
-        dist.all_reduce(load, group=group)
-        out.append(load)
-    return out
-
 # %% ../nbs/42_distributed.ipynb #b98b95c3
 def _local(t: torch.Tensor) -> torch.Tensor: return t.to_local() if isinstance(t, DTensor) else t
 
@@ -161,7 +167,6 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
 def check_fsdp(cfg, expert_parallel: bool = False, batch_per_rank: int = 2, seq_len: int = 16, seed: int = 0) -> dict:
     "Inside a `torchrun` job: largest differences between the `fsdp` model and one process running the full model."
     from dataclasses import replace
-    from vishwamai.model import Vishwamai
     info = init_distributed()
     cfg = replace(cfg, moe_impl="grouped", dropout=0.0)  # the reference must be dropless too
     torch.manual_seed(seed)
@@ -206,13 +211,13 @@ def torchrun(code: str, nproc: int = 2, timeout: float = 150, attempts: int = 2)
                    f"--master-port={_free_port()}", "--local-ranks-filter=0", f.name]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env=env, start_new_session=True)  # its own process group: a stalled job is killed whole
-            try:
-                out, err = proc.communicate(timeout=timeout)
-                break
+            try: out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
                 if attempt == attempts - 1: raise
+                continue
+            if not (proc.returncode and "EADDRINUSE" in err and attempt < attempts - 1): break  # else the port was taken
     finally: os.unlink(f.name)
     if proc.returncode: raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{err[-3000:]}")
     return out
@@ -253,3 +258,69 @@ def load_sharded(folder, model: nn.Module, opt: torch.optim.Optimizer | None = N
     osd = sd["optim"]
     osd["state"] = {k: {n: _local(v) if k in sliced else v for n, v in st.items()} for k, st in osd["state"].items()}
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+
+# %% ../nbs/42_distributed.ipynb #58784db1
+def reduce_step_metrics(lm: torch.Tensor, aux: torch.Tensor, moe: torch.Tensor) -> tuple:
+    """One step's metrics over every process, in one all-reduce: the losses, dropped fractions and router entropies
+    averaged, the tokens per expert (the last columns of `moe`) summed."""
+    flat = torch.cat([lm.float().reshape(1), aux.float().reshape(1), moe.float().flatten()])
+    dist.all_reduce(flat)
+    w = dist.get_world_size()
+    moe = flat[2:].view(moe.shape)
+    return flat[0] / w, flat[1] / w, torch.cat([moe[:, :2] / w, moe[:, 2:]], 1)
+
+def any_process(job: DistInfo | None, flag: int) -> int:
+    "The largest `flag` over the processes of `job` (a signal that any of them caught), exchanged on the host."
+    if job is None: return flag
+    t = torch.tensor([flag])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=job.host_group)
+    return int(t)
+
+def rank0_first(job: DistInfo | None, fn, share: bool = False):
+    """`fn()` on rank 0 of `job` (here, outside a job), then on the other processes, or with `share` they take rank 0's
+    result instead. An error on rank 0 is raised on every process."""
+    if job is None: return fn()
+    out, err = None, None
+    if job.rank == 0:
+        try: out = fn()
+        except Exception as e: err = e
+    sent = [out if share else None, err]
+    dist.broadcast_object_list(sent, src=0, group=job.host_group)
+    if sent[1] is not None: raise sent[1]
+    if job.rank == 0: return out
+    return sent[0] if share else fn()
+
+# %% ../nbs/42_distributed.ipynb #1afb006c
+def check_same_world(state: dict, ckpt_dir, world_size: int):
+    "A `ValueError` unless the checkpoint of training `state` was saved by `world_size` processes, as resuming needs."
+    saved = state.get("world_size", 1)
+    if saved == world_size: return
+    how = "without torchrun" if saved == 1 else f"with torchrun --nproc-per-node {saved}"
+    raise ValueError(f"checkpoint {ckpt_dir} was saved by {saved} process(es) and this run has {world_size}: resume it {how}, "
+                     "or start a new run")
+
+def save_sharded_checkpoint(run_dir, step: int, t, tokenizer, history: dict) -> Path:
+    """Every process: checkpoint the sharded trainer `t` after `step`: the model and optimizer as DCP shards (`dcp/`), and,
+    from rank 0, the files of a one-process checkpoint with the model gathered whole. Returns the checkpoint's folder."""
+    job = t.job
+    full = full_state_dict(t.model)  # every process takes part in the gathers
+    rngs = [None] * job.world_size
+    dist.all_gather_object(rngs, rng_state(t.device), group=job.host_group)
+    shards = Path(run_dir) / "checkpoints" / f".tmp-shards-{step:08d}"  # a crash leaves it to `clean_stale_saves`
+    rank0_first(job, lambda: shutil.rmtree(shards, ignore_errors=True), share=True)
+    save_sharded(shards, t.model, t.opt)
+    def write():
+        host = Vishwamai(t.model.cfg)
+        host.load_state_dict(to_cpu(full))
+        return save_checkpoint(run_dir, step, host, tokenizer, t.tc, None, t.sched, None, history, keep=t.tc.keep_checkpoints,
+                               shards=shards, extra_state=dict(rng=rngs, world_size=job.world_size))
+    return rank0_first(job, write, share=True)
+
+def load_sharded_checkpoint(ckpt_dir, t) -> dict:
+    """Every process: load the checkpoint `save_sharded_checkpoint` wrote into the sharded trainer `t`'s model and
+    optimizer; returns its training state, with this process's random state as `rng`."""
+    ckpt_dir = Path(ckpt_dir)
+    state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    check_same_world(state, ckpt_dir, t.job.world_size)
+    load_sharded(ckpt_dir / "dcp", t.model, t.opt)
+    return {**state, "rng": state["rng"][t.job.rank]}

@@ -11,7 +11,7 @@ import shutil
 import signal
 import tempfile
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +24,9 @@ from .checkpoint import (RunLock, check_same_config, clean_stale_saves, find_che
                                   load_checkpoint, load_config, save_checkpoint, tokenizer_digest, write_atomic)
 from .config import VishwamaiConfig
 from .data import batch_indices, eval_block_indices, get_batch
+from .distributed import (DistInfo, any_process, check_same_world, clip_grad_norm_, fsdp, init_distributed,
+                                   load_sharded_checkpoint, rank0_first, reduce_step_metrics, save_sharded_checkpoint,
+                                   torchrun_world)
 from .device import (autocast, compile_step, device_loader, disable_host_checks, is_cpu, is_cuda, is_xla,
                               manual_seed, move_model, resolve_device, resolve_precision, set_rng_state, step_boundary)
 from .model import Vishwamai, next_token_loss
@@ -92,15 +95,16 @@ class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints, the loss plot and the log go here
     eager: bool = False  # CUDA: run the step eagerly instead of under torch.compile
     tensorboard: bool = False  # also write the metrics log as TensorBoard events (needs the tensorboard extra)
-    expert_parallel: bool = False  # XLA only: split each MoE layer's experts over every XLA device (SPMD); batches stay whole
+    expert_parallel: bool = False  # split each MoE layer's experts over every XLA device (SPMD) or torchrun process
 
     def __post_init__(self):
         if isinstance(self.out_dir, os.PathLike): self.out_dir = os.fspath(self.out_dir)
         if isinstance(self.betas, list): self.betas = tuple(self.betas)
         for f in fields(self): _check_type(f.name, getattr(self, f.name), f.type)
         _check_ranges(self)
-        if self.expert_parallel and self.device.split(":")[0] != "xla":
-            raise ValueError(f"TrainConfig.expert_parallel: needs device='xla' (SPMD over the XLA devices), got {self.device!r}")
+        if self.expert_parallel and self.device.split(":")[0] != "xla" and torchrun_world() == 1:
+            raise ValueError(f"TrainConfig.expert_parallel: needs device='xla' (SPMD over the XLA devices) or a torchrun launch "
+                             f"(over its processes), got {self.device!r} in one process")
 
 # %% ../nbs/34_train.ipynb #b6049c07
 def decayed_parameters(model: torch.nn.Module) -> list[str]:
@@ -150,20 +154,29 @@ class Trainer:
     tc: TrainConfig
     device: torch.device
     precision: str  # "fp32", "bf16" or "fp16", as `resolve_precision` returned it
+    job: DistInfo | None = None  # the torchrun job this process trains in, if any (the distributed chapter)
+
+    @property
+    def world_size(self) -> int: return self.job.world_size if self.job else 1
+
+    @property
+    def rank(self) -> int: return self.job.rank if self.job else 0
 
     @property
     def balancing(self) -> bool:
         "Whether each step updates the MoE layers' selection biases (auxiliary-loss-free balancing)."
         return self.model.cfg.use_moe and self.model.cfg.bias_update_rate > 0
 
-def make_trainer(cfg: VishwamaiConfig, tc: TrainConfig, device: torch.device, precision: str) -> Trainer:
-    "A fresh `Vishwamai(cfg)` on `device` with its AdamW, schedule and (for fp16) loss scaler."
+def make_trainer(cfg: VishwamaiConfig, tc: TrainConfig, device: torch.device, precision: str,
+                 job: DistInfo | None = None) -> Trainer:
+    "A fresh `Vishwamai(cfg)` on `device` with its AdamW, schedule and (for fp16) loss scaler; in a `job`, sharded by FSDP2."
     model = move_model(Vishwamai(cfg), device)
     # on accelerators, per-call checks would stall the device every layer; divergence is caught from the logged losses
     if not is_cpu(device): disable_host_checks(model)
+    if job is not None: model = fsdp(model, tc.expert_parallel)  # before the optimizer: it holds the shards
     opt = make_optimizer(model, tc)
     return Trainer(model, opt, make_scheduler(opt, tc), torch.amp.GradScaler("cuda") if precision == "fp16" else None,
-                   tc, device, precision)
+                   tc, device, precision, job)
 
 # %% ../nbs/34_train.ipynb #6bd9bfda
 def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -201,8 +214,10 @@ def train_step(t: Trainer, xs: torch.Tensor, ys: torch.Tensor) -> StepMetrics:
         aux_sum = aux_sum + aux / t.tc.grad_accum
         moe = moe + moe_metrics(stats).to(lm.device)
     moe = moe * torch.tensor([1 / t.tc.grad_accum] * 2 + [1.0] * (moe.shape[-1] - 2), device=lm.device)  # means; loads summed
+    if t.job: lm_sum, aux_sum, moe = reduce_step_metrics(lm_sum, aux_sum, moe)  # the job's losses and loads
     if t.scaler: t.scaler.unscale_(t.opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.tc.grad_clip or float("inf"))  # inf: measure only
+    if t.job: grad_norm = clip_grad_norm_(t.model, t.tc.grad_clip)  # the norm of the whole sharded model
+    else: grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.tc.grad_clip or float("inf"))  # inf: measure only
     if t.scaler:
         t.scaler.step(t.opt)
         t.scaler.update()
@@ -256,10 +271,13 @@ def training_data(cfg: VishwamaiConfig, tc: TrainConfig, data=None, ckpt_dir: Pa
 
 def restore(t: Trainer, ckpt_dir) -> tuple[dict, int]:
     "Load the checkpoint `ckpt_dir` into `t` (weights, optimizer, schedule, scaler, random state); returns its history and step."
-    ck = load_checkpoint(ckpt_dir, t.device)
-    t.model.load_state_dict(ck.model.state_dict())
-    st = ck.state
-    t.opt.load_state_dict(st["optimizer"])
+    if t.job: st = load_sharded_checkpoint(ckpt_dir, t)  # every process reads its shards and its random state
+    else:
+        ck = load_checkpoint(ckpt_dir, t.device)
+        st = ck.state
+        check_same_world(st, ckpt_dir, 1)
+        t.model.load_state_dict(ck.model.state_dict())
+        t.opt.load_state_dict(st["optimizer"])
     t.sched.load_state_dict(st["scheduler"])
     if t.scaler is not None and st["scaler"]: t.scaler.load_state_dict(st["scaler"])
     set_rng_state(st["rng"], t.device)
@@ -403,8 +421,10 @@ def validate(t: Trainer, data, history: dict, done: int, last_good):
 def save_step(t: Trainer, data, run: Path, history: dict, done: int, last_good) -> Path:
     "Evaluate and save after step `done`; returns the new checkpoint. Non-finite weights are not saved: the run stops."
     validate(t, data, history, done, last_good)
-    try: return save_checkpoint(run, done, t.model, data.tokenizer, t.tc, t.opt, t.sched, t.scaler, history,
-                                keep=t.tc.keep_checkpoints)
+    try:
+        if t.job: return save_sharded_checkpoint(run, done, t, data.tokenizer, history)
+        return save_checkpoint(run, done, t.model, data.tokenizer, t.tc, t.opt, t.sched, t.scaler, history,
+                               keep=t.tc.keep_checkpoints)
     except FloatingPointError as e: raise TrainingDiverged.at(str(e), last_good) from None
     except OSError as e:
         kept = f"the last checkpoint is {last_good}: free space, then resume" if last_good else "free space, then start again"
@@ -413,6 +433,8 @@ def save_step(t: Trainer, data, run: Path, history: dict, done: int, last_good) 
 # %% ../nbs/34_train.ipynb #114a365e
 def open_metrics_log(run: Path, t: Trainer, history: dict, start: int) -> MetricsLog:
     "The run's `MetricsLog` on `run/metrics.jsonl`, without the lines of steps after `start` (a resumed run logs them again)."
+    cfg = t.model.cfg
+    if t.rank: return MetricsLog(history, cfg.num_experts if cfg.use_moe else 0)  # rank 0 writes the job's log
     path = run / "metrics.jsonl"
     if path.exists():
         def kept(line):  # a line cut short by a crash is dropped with the steps after the checkpoint
@@ -423,27 +445,29 @@ def open_metrics_log(run: Path, t: Trainer, history: dict, start: int) -> Metric
     if t.tc.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(run / "tensorboard", purge_step=start + 1)  # drops the events of steps after `start`
-    cfg = t.model.cfg
     return MetricsLog(history, cfg.num_experts if cfg.use_moe else 0, path, writer)
 
-# %% ../nbs/34_train.ipynb #d056ac38
+# %% ../nbs/34_train.ipynb #76733c37
 def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, last_good, progress: bool) -> dict:
     "Steps `start..end-1` of `train`: step, log, evaluate and save at their intervals, save and stop on a signal."
     from tqdm.auto import tqdm
     tc, log = t.tc, open_metrics_log(run, t, history, start)
-    step_fn = compile_step(train_step, t.device, tc.eager)  # one XLA graph per step; torch.compile on CUDA
-    batches = device_loader(step_batches(data.train, tc, start, end), t.device)  # background transfer on XLA
+    # one XLA graph per step; torch.compile on CUDA, except in a torchrun job; background transfer on XLA
+    step_fn = compile_step(train_step, t.device, tc.eager or t.job is not None)
+    batches = device_loader(step_batches(data.train, tc, start, end, t.world_size, t.rank), t.device)
+    signum = 0
     t.model.train()
     # the bar closes before any error message is printed: its last line must not follow the message
     with tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step") as bar, \
          StopOnSignal() as stop, closing(log):
         for step, (xs, ys) in zip(range(start, end), batches):
-            try: log.append(step_fn(t, xs, ys), xs.numel())
+            try: log.append(step_fn(t, xs, ys), xs.numel() * t.world_size)
             except FloatingPointError as e: raise TrainingDiverged.at(f"at step {step + 1}: {e}", last_good) from e
             t.sched.step()
             history["lr"].append(t.sched.get_last_lr()[0])
             done = step + 1
-            saving, evaluating = done % tc.save_every == 0 or done == end or stop.signum, done % tc.eval_every == 0
+            signum = any_process(t.job, stop.signum)  # every process of a job stops after the same step
+            saving, evaluating = done % tc.save_every == 0 or done == end or signum, done % tc.eval_every == 0
             if done % tc.log_every == 0 or saving or evaluating:
                 try: rec = log.flush(done, history["lr"][-1])  # a host read: the steps so far have finished
                 except FloatingPointError as e: raise TrainingDiverged.at(str(e), last_good) from None
@@ -453,12 +477,12 @@ def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, 
                 elif evaluating: validate(t, data, history, done, last_good)
             if saving or evaluating: log.write(dict(step=done, val_loss=history["val"][-1][1]))
             bar.update(1)
-            if stop.signum:
-                bar.write(f"interrupted by {signal.Signals(stop.signum).name} after step {done}: saved {last_good}")
+            if signum:
+                bar.write(f"interrupted by {signal.Signals(signum).name} after step {done}: saved {last_good}")
                 break
     return dict(history=history, checkpoint=last_good, tokens_per_s=log.tokens_per_s,
                 val_loss=history["val"][-1][1] if history["val"] else None, unigram=history["unigram"], data=data,
-                model=t.model, interrupted=stop.signum)
+                model=t.model, interrupted=signum)
 
 
 # %% ../nbs/34_train.ipynb #2b65cd26
@@ -467,26 +491,31 @@ def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None
     """Train a `Vishwamai(cfg)` as `tc` says, from scratch or resuming from `tc.out_dir`'s latest checkpoint; a folder that
     holds an earlier run needs `resume` or `overwrite`. `data` reuses prepared `TextData`; `until` stops (with a
     checkpoint) after that step, keeping the schedule of `tc.steps`."""
-    if tc.expert_parallel: enable_spmd()  # SPMD must own the process before its XLA device exists
-    device = resolve_device(tc.device)
+    job = init_distributed(tc.device) if torchrun_world() > 1 else None  # a torchrun launch: FSDP2 over its processes
+    if tc.expert_parallel and job is None: enable_spmd()  # SPMD must own the process before its XLA device exists
+    device = job.device if job else resolve_device(tc.device)
     if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ImportError("TrainConfig.tensorboard needs the tensorboard package: pip install 'vishwamai[tensorboard]'")
     precision = resolve_precision(tc.precision, device)
+    if job and precision == "fp16":
+        raise ValueError("TrainConfig.precision: fp16 under torchrun is not supported (each process's loss scaler would skip "
+                         "steps on its own); use bf16 or fp32")
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={tc.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
     run = Path(tc.out_dir)
-    with RunLock(run):  # one run per folder; released when this returns or the process ends
-        ckpt_dir = start_run(run, resume, overwrite)
+    # one run per folder; released when this returns or the process ends. In a job, rank 0 holds it and prepares
+    with RunLock(run) if job is None or job.rank == 0 else nullcontext():
+        ckpt_dir = rank0_first(job, lambda: start_run(run, resume, overwrite), share=True)
         if ckpt_dir is not None: check_same_config(load_config(ckpt_dir / "config.json"), cfg)
-        data = training_data(cfg, tc, data, ckpt_dir)
+        data = rank0_first(job, lambda: training_data(cfg, tc, data, ckpt_dir))  # rank 0 fills the caches the others read
         manual_seed(tc.seed, device)
-        t = make_trainer(cfg, tc, device, precision)
+        t = make_trainer(cfg, tc, device, precision, job)
         history, start = dict(loss=[], aux=[], lr=[], val=[], unigram=data.info.get("unigram_nats")), 0
         if ckpt_dir is not None: history, start = restore(t, ckpt_dir)
-        if tc.expert_parallel: shard_model_experts(t.model)  # after restoring: loading a state dict drops the annotations
+        if tc.expert_parallel and job is None: shard_model_experts(t.model)  # after restoring: loading drops the annotations
         end = tc.steps if until is None else min(tc.steps, until)
-        if overwrite: replace_run(run)
-        return run_steps(t, data, run, history, start, end, ckpt_dir, progress)
+        if overwrite: rank0_first(job, lambda: replace_run(run), share=True)
+        return run_steps(t, data, run, history, start, end, ckpt_dir, progress and t.rank == 0)
 
 # %% ../nbs/34_train.ipynb #9765528d
 def plot_history(history: dict, path=None, title: str = "training"):
