@@ -7,6 +7,8 @@ import functools
 import gc
 import json
 import os
+import statistics
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from .attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl
 from .checkpoint import write_atomic
 from .config import VishwamaiConfig, param_counts
+from .experts import Experts
 from .device import default_device, disable_host_checks, is_cpu, is_cuda, is_xla, resolve_precision
 from .model import Vishwamai, dense_baseline, next_token_loss
 from .moe import DenseFFN, MoE, moe_active_flops
@@ -24,10 +27,11 @@ from .timing import benchmark, environment, peak_memory
 from .train import TrainConfig, make_trainer, train_step
 
 # %% auto #0
-__all__ = ['MFU_CONVENTION', 'GPU_PEAK_BF16', 'TPU_PEAK_BF16', 'SUITES', 'activation_elems_per_token', 'train_step_bytes',
-           'memory_formulas', 'format_memory', 'causal_pairs', 'attention_pairs', 'train_flops_per_token', 'peak_flops',
-           'run_guarded', 'available_memory', 'bench_moe', 'format_bench', 'bench_attention', 'bench_train', 'Suite',
-           'write_json_atomic', 'format_rows', 'plot_results', 'run_suite', 'run_suites']
+__all__ = ['MFU_CONVENTION', 'GPU_PEAK_BF16', 'TPU_PEAK_BF16', 'SUITES', 'PROFILE_CATEGORIES', 'activation_elems_per_token',
+           'train_step_bytes', 'memory_formulas', 'format_memory', 'causal_pairs', 'attention_pairs',
+           'train_flops_per_token', 'peak_flops', 'run_guarded', 'available_memory', 'bench_moe', 'format_bench',
+           'bench_attention', 'bench_train', 'Suite', 'write_json_atomic', 'format_rows', 'plot_results', 'run_suite',
+           'run_suites', 'step_categories', 'profile_step', 'format_profile']
 
 # %% ../nbs/50_bench.ipynb #a0b8b3f7
 def activation_elems_per_token(cfg: VishwamaiConfig, seq_len: int) -> int:
@@ -303,7 +307,9 @@ def _train_step(cfg: VishwamaiConfig, batch: int, seq_len: int, device, precisio
     if compile: trainer.model.compile(dynamic=False)
     xs = torch.randint(0, cfg.vocab_size, (1, batch, seq_len), device=device)  # [grad_accum, batch, length]
     ys = xs.roll(-1, -1)
-    return lambda: train_step(trainer, xs, ys)
+    def step(): return train_step(trainer, xs, ys)
+    step.model = trainer.model  # for the profiler's module scopes
+    return step
 
 def bench_train(preset: str = "tiny", seq_lens=(128, 256, 512), batch_tokens: int = 1024, precision: str = "auto",
                 compile: bool = False, device=None, warmup: int = 1, repeats: int = 3, memory_limit: int | None = None,
@@ -493,3 +499,118 @@ def run_suites(names, device=None, out=None, verbose: bool = True) -> dict:
     unknown = [n for n in names if n not in SUITES]
     if unknown: raise ValueError(f"unknown benchmark suite {unknown[0]!r}; choose one of {(*SUITES, 'all')}")
     return {n: run_suite(n, device, out, verbose) for n in names}
+
+# %% ../nbs/50_bench.ipynb #5d747828
+PROFILE_CATEGORIES = ("expert matmuls", "shared expert projections", "dense FFN in the MoE's place", "other dense matmuls",
+                      "attention", "router, top-k, sort", "gathers and scatters", "layer norm", "elementwise", "optimizer",
+                      "other ops", "between ops")
+_MATMULS = {f"aten::{n}" for n in "mm bmm addmm baddbmm _grouped_mm matmul linear".split()}
+_SORTS = {f"aten::{n}" for n in "sort topk argsort".split()}
+_GATHERS = {f"aten::{n}" for n in ("index_select index_add_ index_add index_copy index_copy_ scatter_add_ scatter_add scatter "
+                                   "scatter_ gather embedding embedding_backward embedding_dense_backward index index_put_ "
+                                   "_index_put_impl_").split()}
+_ELEMENTWISE = {f"aten::{n}" for n in (
+    "add add_ sub sub_ rsub mul mul_ div div_ neg gelu gelu_backward copy_ fill_ zero_ zeros_like ones_like full_like where "
+    "clamp clamp_min exp log pow sqrt rsqrt sin cos sigmoid tanh maximum minimum lerp_ addcmul_ addcdiv_ _to_copy to clone "
+    "contiguous masked_fill masked_fill_ reciprocal abs sign eq ne gt lt ge le").split()}
+_SCOPE = "vishwamai.scope::"
+_MATMUL_SCOPE = {"experts": "expert matmuls", "projections": "shared expert projections", "ffn": "dense FFN in the MoE's place"}
+
+def _op_category(name: str, scope: str | None, phase: str) -> str:
+    "The category of one operator `name` run inside module `scope` in `phase` (forward, backward, optimizer)."
+    if phase == "optimizer": return "optimizer"
+    if scope == "attention": return "other dense matmuls" if name in _MATMULS else "attention"
+    if scope == "router" or name in _SORTS: return "router, top-k, sort"
+    if name in _MATMULS: return _MATMUL_SCOPE.get(scope, "other dense matmuls")
+    if name in _GATHERS: return "gathers and scatters"
+    if "layer_norm" in name: return "layer norm"
+    return "elementwise" if name in _ELEMENTWISE else "other ops"
+
+# %% ../nbs/50_bench.ipynb #1f522135
+def _scope_hooks(model) -> list:
+    "Forward hooks opening profiler ranges around attention, MoE, experts, shared projections and a dense FFN in the MoE's place."
+    handles, open_ranges = [], []
+    def scoped(module, name):
+        def enter(m, args):
+            open_ranges.append(torch.autograd.profiler.record_function(_SCOPE + name))
+            open_ranges[-1].__enter__()
+        def leave(m, args, out): open_ranges.pop().__exit__(None, None, None)
+        handles.extend([module.register_forward_pre_hook(enter), module.register_forward_hook(leave)])
+    for m in model.modules():
+        if isinstance(m, MultiLevelAttention): scoped(m, "attention")
+        elif isinstance(m, MoE): scoped(m, "router")  # the MoE layer outside its experts: router, losses, statistics
+        elif isinstance(m, Experts):
+            scoped(m, "experts")
+            for proj in (m.w_in, m.w_out): scoped(proj, "projections")
+    for block in getattr(model, "blocks", []):
+        if isinstance(block.moe, DenseFFN): scoped(block.moe, "ffn")
+    return handles
+
+def step_categories(events) -> dict:
+    "Self CPU microseconds per category (all but 'between ops') of the profiler `events` of one training step."
+    tops = sorted((e for e in events if e.cpu_parent is None), key=lambda e: e.time_range.start)
+    backward = [e for e in tops if e.name.startswith("autograd::engine::evaluate_function")]
+    backward_end = max((e.time_range.end for e in backward), default=float("inf"))
+    created_in, totals = {}, dict.fromkeys(PROFILE_CATEGORIES[:-1], 0.0)
+    def walk(e, scope, phase):
+        if e.name.startswith(_SCOPE): scope = e.name[len(_SCOPE):]  # a range's own time is Python: between ops
+        else: totals[_op_category(e.name, scope, phase)] += e.self_cpu_time_total
+        if phase == "forward" and e.sequence_nr >= 0: created_in.setdefault(e.sequence_nr, scope)
+        for child in e.cpu_children: walk(child, scope, phase)
+    for e in tops:  # forward and optimizer first, so that every autograd node's module is known
+        if not e.name.startswith("autograd::engine::evaluate_function"):
+            walk(e, None, "optimizer" if e.time_range.start >= backward_end else "forward")
+    for e in backward: walk(e, created_in.get(e.sequence_nr), "backward")  # placed by the op that created its node
+    return totals
+
+# %% ../nbs/50_bench.ipynb #fe15789e
+def _minor_faults() -> int:
+    "Minor page faults of this process so far (first touches of fresh memory); 0 where the OS does not count them."
+    try: import resource
+    except ImportError: return 0  # Windows
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def profile_step(preset: str = "tiny", seq_len: int = 128, batch_tokens: int = 1024, warmup: int = 1, repeats: int = 5,
+                 threads: int | None = None, **overrides) -> list:
+    """Where one CPU training step's time goes, Vishwamai vs `dense_baseline` (as `bench_train` builds them): median self
+    CPU ms per category over `repeats` profiled steps of each, alternated; `threads` sets torch's CPU threads meanwhile."""
+    from torch.profiler import ProfilerActivity, profile
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the CUDA build's warning on machines without a GPU
+    base = VishwamaiConfig.preset(preset, **overrides)
+    before = torch.get_num_threads()
+    if threads is not None: torch.set_num_threads(threads)
+    try:
+        steps, runs = {}, {"vishwamai": [], "dense": []}
+        for name, cfg in (("vishwamai", base), ("dense", dense_baseline(base))):
+            torch.manual_seed(0)
+            steps[name] = _train_step(replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len)), batch_tokens // seq_len,
+                                      seq_len, torch.device("cpu"), "fp32", compile=False)
+            _scope_hooks(steps[name].model)
+        for i in range(warmup + repeats):
+            for name, step in steps.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    faults, t0 = _minor_faults(), time.perf_counter()
+                    step()
+                    wall, faults = (time.perf_counter() - t0) * 1e3, _minor_faults() - faults
+                if i < warmup: continue
+                cats = {c: us / 1e3 for c, us in step_categories(prof.events()).items()}
+                runs[name].append({**cats, "between ops": wall - sum(cats.values()), "step": wall, "faults": faults})
+    finally: torch.set_num_threads(before)
+    def median(key, unit): return {f"{n}_{unit}": statistics.median(r[key] for r in rs) for n, rs in runs.items()}
+    return [dict(category=c, **median(c, "ms")) for c in (*PROFILE_CATEGORIES, "step")] + [
+        dict(category="page faults", **median("faults", "count"))]
+
+def format_profile(rows: list) -> str:
+    "A Markdown table of `profile_step` rows, with each category's difference and its share of the step-time difference."
+    step = next(r for r in rows if r["category"] == "step")
+    gap = step["vishwamai_ms"] - step["dense_ms"]
+    lines = ["| category | Vishwamai ms | dense ms | difference ms | share of the difference |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["category"] == "page faults":
+            lines.append(f"\nMinor page faults per step (fresh memory touched for the first time): Vishwamai "
+                         f"{r['vishwamai_count']:,.0f}, dense {r['dense_count']:,.0f}.")
+            continue
+        d = r["vishwamai_ms"] - r["dense_ms"]
+        name = "**whole step (profiled)**" if r["category"] == "step" else r["category"]
+        lines.append(f"| {name} | {r['vishwamai_ms']:.1f} | {r['dense_ms']:.1f} | {d:+.1f} | {d / gap:+.0%} |")
+    return "\n".join(lines)
