@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl
+from .attention import LEVEL_KERNELS, MultiLevelAttention, multilevel_attention, resolve_attn_impl
+from .fusion import fuse_levels
+from .levels import pool_level
 from .checkpoint import write_atomic
 from .config import VishwamaiConfig, param_counts
 from .experts import Experts
@@ -30,8 +32,8 @@ from .train import TrainConfig, make_trainer, train_step
 __all__ = ['MFU_CONVENTION', 'GPU_PEAK_BF16', 'TPU_PEAK_BF16', 'SUITES', 'PROFILE_CATEGORIES', 'activation_elems_per_token',
            'train_step_bytes', 'memory_formulas', 'format_memory', 'causal_pairs', 'attention_pairs',
            'train_flops_per_token', 'peak_flops', 'run_guarded', 'available_memory', 'bench_moe', 'format_bench',
-           'bench_attention', 'bench_train', 'Suite', 'write_json_atomic', 'format_rows', 'plot_results', 'run_suite',
-           'run_suites', 'step_categories', 'profile_step', 'format_profile']
+           'attention_parts', 'bench_attention', 'bench_train', 'Suite', 'write_json_atomic', 'format_rows',
+           'plot_results', 'run_suite', 'run_suites', 'step_categories', 'profile_step', 'format_profile']
 
 # %% ../nbs/50_bench.ipynb #a0b8b3f7
 def activation_elems_per_token(cfg: VishwamaiConfig, seq_len: int) -> int:
@@ -254,10 +256,21 @@ def format_bench(rows: list) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/50_bench.ipynb #d038990d
+def attention_parts(q, k, v, factors, windows, weights, impl: str, **timing) -> dict:
+    """Median fwd+bwd ms of each level (its pooling and kernel) and of the fusion, timed apart, run as `multilevel_attention`
+    runs them unfused (so not for `impl='flex'` on CUDA, where they are compiled together)."""
+    kernel = LEVEL_KERNELS[impl]
+    def level(r, w): kernel(*pool_level(q, k, v, r), w).sum().backward()
+    with torch.no_grad(): outs = [kernel(*pool_level(q, k, v, r), w).requires_grad_() for r, w in zip(factors, windows)]
+    def fusion(): fuse_levels(outs, factors, weights).sum().backward()
+    level_ms = [benchmark(lambda r=r, w=w: level(r, w), **timing).median * 1e3 for r, w in zip(factors, windows)]
+    return dict(level_ms=level_ms, fusion_ms=benchmark(fusion, **timing).median * 1e3)
+
 def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_heads: int = 4, head_dim: int = 32,
                     windows=(64, 32, None), dtype=None, device=None, impl: str = "auto",
-                    warmup: int = 1, repeats: int = 5, memory: bool = True, verbose: bool = True) -> list:
-    "Time (and measure peak memory of) multi-level vs full causal SDPA attention, fwd+bwd; return one dict per length."
+                    warmup: int = 1, repeats: int = 5, memory: bool = True, parts: bool = True, verbose: bool = True) -> list:
+    """Time (and measure peak memory of) multi-level vs full causal SDPA attention, fwd+bwd; return one dict per length.
+    With `parts` (and an unfused kernel), also time each level and the fusion apart (`attention_parts`)."""
     device = default_device(device)
     dtype = dtype or (torch.bfloat16 if is_cuda(device) else torch.float32)
     impl = resolve_attn_impl(impl, device)
@@ -284,6 +297,8 @@ def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_head
                    speedup=t_full.median / t_multi.median)
         if memory:
             row.update(full_peak_mb=peak_memory(full, device) / 2 ** 20, multilevel_peak_mb=peak_memory(multi, device) / 2 ** 20)
+        if parts and impl != "flex":
+            row.update(attention_parts(q, k, v, factors, windows, weights, impl, warmup=warmup, repeats=repeats, device=device))
         rows.append(row)
     if verbose:
         env = environment(device)
@@ -296,6 +311,9 @@ def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_head
             print(f"{r['N']:>7} {r['batch']:>5} {r['full_ms']:>7.2f}±{r['full_iqr_ms']:<4.1f} "
                   f"{r['multilevel_ms']:>7.2f}±{r['multilevel_iqr_ms']:<4.1f} "
                   f"{r['speedup']:>7.2f}x" + (f" {r['full_peak_mb']:>9.1f} {r['multilevel_peak_mb']:>9.1f}" if memory else ""))
+        for r in rows:
+            if "level_ms" in r: print(f"N={r['N']}: levels " + " + ".join(f"{t:.1f}" for t in r["level_ms"])
+                                      + f" ms, fusion {r['fusion_ms']:.1f} ms (each timed apart)")
     return rows
 
 # %% ../nbs/50_bench.ipynb #a3090786
@@ -374,12 +392,12 @@ SUITES = {
     "attention": Suite(bench_attention, sweep="seq_lens",
                        gpu=dict(seq_lens=(16384, 32768, 65536), batch_tokens=65536, n_heads=16, head_dim=64,
                                 windows=(512, 256, None), dtype="bfloat16", warmup=3, repeats=10),
-                       cpu=dict(seq_lens=(512, 1024, 2048), batch_tokens=4096, n_heads=4, head_dim=32,
-                                windows=(64, 32, None), dtype="float32", warmup=1, repeats=5)),
+                       cpu=dict(seq_lens=(2048, 4096, 8192), batch_tokens=8192, n_heads=8, head_dim=64,
+                                windows=(64, 32, None), dtype="float32", warmup=1, repeats=3)),
     "train": Suite(bench_train, sweep="seq_lens",
                    gpu=dict(preset="small", seq_lens=(2048, 8192, 16384), batch_tokens=16384, precision="bf16", compile=True,
                             warmup=3, repeats=10),
-                   cpu=dict(preset="tiny", seq_lens=(128, 256, 512), batch_tokens=1024, precision="fp32", compile=False,
+                   cpu=dict(preset="tiny", seq_lens=(128, 512, 2048), batch_tokens=4096, precision="fp32", compile=False,
                             warmup=1, repeats=5)),
     "memory": Suite(lambda device, verbose=False: memory_formulas(device), gpu={}, cpu={}),
 }
@@ -397,7 +415,8 @@ _COLUMNS = {  # suite -> (row key, header, format) for the printed table
             ("tokens_per_s", "tokens/s", "{:,.0f}"), ("tflops", "TFLOP/s", "{:.3f}"), ("dropped", "dropped", "{:.1%}")],
     "attention": [("N", "N", "{}"), ("batch", "batch", "{}"), ("full_ms", "full ms", "{:.2f}"),
                   ("multilevel_ms", "multi-level ms", "{:.2f}"), ("speedup", "full / multi", "{:.2f}×"),
-                  ("full_peak_mb", "full MB", "{:.1f}"), ("multilevel_peak_mb", "multi MB", "{:.1f}")],
+                  ("full_peak_mb", "full MB", "{:.1f}"), ("multilevel_peak_mb", "multi MB", "{:.1f}"),
+                  ("level_ms", "levels ms, apart", "{:.1f}"), ("fusion_ms", "fusion ms", "{:.1f}")],
     "train": [("N", "N", "{}"), ("model", "model", "{}"), ("batch", "batch", "{}"), ("active_params", "active params", "{:,}"),
               ("ms", "median ms", "{:.1f}"), ("iqr", "IQR ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
               ("flops_per_token", "GFLOP/token", "{:.3f}"), ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU", "{:.1%}"),
@@ -411,6 +430,7 @@ def format_rows(suite: str, rows: list) -> str:
     def cell(r, key, fmt):
         if key == "iqr": key, r = "ms", dict(ms=r["ms_q3"] - r["ms_q1"]) if "ms_q3" in r else {}
         if key == "flops_per_token" and key in r: return fmt.format(r[key] / 1e9)
+        if isinstance(r.get(key), list): return " + ".join(fmt.format(x) for x in r[key])
         return fmt.format(r[key]) if r.get(key) is not None else "–"
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " | status |", "|" + "---|" * (len(cols) + 1)]
     lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in cols) + f" | {r.get('status', 'ok')} |" for r in rows]
