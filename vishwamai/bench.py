@@ -7,15 +7,20 @@ import functools
 import gc
 import json
 import os
+import statistics
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .attention import MultiLevelAttention, multilevel_attention, resolve_attn_impl
+from .attention import LEVEL_KERNELS, MultiLevelAttention, multilevel_attention, resolve_attn_impl
+from .fusion import fuse_levels
+from .levels import pool_level
 from .checkpoint import write_atomic
 from .config import VishwamaiConfig, param_counts
+from .experts import Experts
 from .device import default_device, disable_host_checks, is_cpu, is_cuda, is_xla, resolve_precision
 from .model import Vishwamai, dense_baseline, next_token_loss
 from .moe import DenseFFN, MoE, moe_active_flops
@@ -24,10 +29,11 @@ from .timing import benchmark, environment, peak_memory
 from .train import TrainConfig, make_trainer, train_step
 
 # %% auto #0
-__all__ = ['MFU_CONVENTION', 'GPU_PEAK_BF16', 'TPU_PEAK_BF16', 'SUITES', 'activation_elems_per_token', 'train_step_bytes',
-           'memory_formulas', 'format_memory', 'causal_pairs', 'attention_pairs', 'train_flops_per_token', 'peak_flops',
-           'run_guarded', 'available_memory', 'bench_moe', 'format_bench', 'bench_attention', 'bench_train', 'Suite',
-           'write_json_atomic', 'format_rows', 'plot_results', 'run_suite', 'run_suites']
+__all__ = ['MFU_CONVENTION', 'GPU_PEAK_BF16', 'TPU_PEAK_BF16', 'SUITES', 'PROFILE_CATEGORIES', 'activation_elems_per_token',
+           'train_step_bytes', 'memory_formulas', 'format_memory', 'causal_pairs', 'attention_pairs',
+           'train_flops_per_token', 'peak_flops', 'run_guarded', 'available_memory', 'bench_moe', 'format_bench',
+           'attention_parts', 'bench_attention', 'bench_train', 'Suite', 'write_json_atomic', 'format_rows',
+           'plot_results', 'run_suite', 'run_suites', 'step_categories', 'profile_step', 'format_profile']
 
 # %% ../nbs/50_bench.ipynb #a0b8b3f7
 def activation_elems_per_token(cfg: VishwamaiConfig, seq_len: int) -> int:
@@ -250,10 +256,21 @@ def format_bench(rows: list) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/50_bench.ipynb #d038990d
+def attention_parts(q, k, v, factors, windows, weights, impl: str, **timing) -> dict:
+    """Median fwd+bwd ms of each level (its pooling and kernel) and of the fusion, timed apart, run as `multilevel_attention`
+    runs them unfused (so not for `impl='flex'` on CUDA, where they are compiled together)."""
+    kernel = LEVEL_KERNELS[impl]
+    def level(r, w): kernel(*pool_level(q, k, v, r), w).sum().backward()
+    with torch.no_grad(): outs = [kernel(*pool_level(q, k, v, r), w).requires_grad_() for r, w in zip(factors, windows)]
+    def fusion(): fuse_levels(outs, factors, weights).sum().backward()
+    level_ms = [benchmark(lambda r=r, w=w: level(r, w), **timing).median * 1e3 for r, w in zip(factors, windows)]
+    return dict(level_ms=level_ms, fusion_ms=benchmark(fusion, **timing).median * 1e3)
+
 def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_heads: int = 4, head_dim: int = 32,
                     windows=(64, 32, None), dtype=None, device=None, impl: str = "auto",
-                    warmup: int = 1, repeats: int = 5, memory: bool = True, verbose: bool = True) -> list:
-    "Time (and measure peak memory of) multi-level vs full causal SDPA attention, fwd+bwd; return one dict per length."
+                    warmup: int = 1, repeats: int = 5, memory: bool = True, parts: bool = True, verbose: bool = True) -> list:
+    """Time (and measure peak memory of) multi-level vs full causal SDPA attention, fwd+bwd; return one dict per length.
+    With `parts` (and an unfused kernel), also time each level and the fusion apart (`attention_parts`)."""
     device = default_device(device)
     dtype = dtype or (torch.bfloat16 if is_cuda(device) else torch.float32)
     impl = resolve_attn_impl(impl, device)
@@ -280,6 +297,8 @@ def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_head
                    speedup=t_full.median / t_multi.median)
         if memory:
             row.update(full_peak_mb=peak_memory(full, device) / 2 ** 20, multilevel_peak_mb=peak_memory(multi, device) / 2 ** 20)
+        if parts and impl != "flex":
+            row.update(attention_parts(q, k, v, factors, windows, weights, impl, warmup=warmup, repeats=repeats, device=device))
         rows.append(row)
     if verbose:
         env = environment(device)
@@ -292,6 +311,9 @@ def bench_attention(seq_lens=(512, 1024, 2048), batch_tokens: int = 4096, n_head
             print(f"{r['N']:>7} {r['batch']:>5} {r['full_ms']:>7.2f}±{r['full_iqr_ms']:<4.1f} "
                   f"{r['multilevel_ms']:>7.2f}±{r['multilevel_iqr_ms']:<4.1f} "
                   f"{r['speedup']:>7.2f}x" + (f" {r['full_peak_mb']:>9.1f} {r['multilevel_peak_mb']:>9.1f}" if memory else ""))
+        for r in rows:
+            if "level_ms" in r: print(f"N={r['N']}: levels " + " + ".join(f"{t:.1f}" for t in r["level_ms"])
+                                      + f" ms, fusion {r['fusion_ms']:.1f} ms (each timed apart)")
     return rows
 
 # %% ../nbs/50_bench.ipynb #a3090786
@@ -303,7 +325,9 @@ def _train_step(cfg: VishwamaiConfig, batch: int, seq_len: int, device, precisio
     if compile: trainer.model.compile(dynamic=False)
     xs = torch.randint(0, cfg.vocab_size, (1, batch, seq_len), device=device)  # [grad_accum, batch, length]
     ys = xs.roll(-1, -1)
-    return lambda: train_step(trainer, xs, ys)
+    def step(): return train_step(trainer, xs, ys)
+    step.model = trainer.model  # for the profiler's module scopes
+    return step
 
 def bench_train(preset: str = "tiny", seq_lens=(128, 256, 512), batch_tokens: int = 1024, precision: str = "auto",
                 compile: bool = False, device=None, warmup: int = 1, repeats: int = 3, memory_limit: int | None = None,
@@ -368,12 +392,12 @@ SUITES = {
     "attention": Suite(bench_attention, sweep="seq_lens",
                        gpu=dict(seq_lens=(16384, 32768, 65536), batch_tokens=65536, n_heads=16, head_dim=64,
                                 windows=(512, 256, None), dtype="bfloat16", warmup=3, repeats=10),
-                       cpu=dict(seq_lens=(512, 1024, 2048), batch_tokens=4096, n_heads=4, head_dim=32,
-                                windows=(64, 32, None), dtype="float32", warmup=1, repeats=5)),
+                       cpu=dict(seq_lens=(2048, 4096, 8192), batch_tokens=8192, n_heads=8, head_dim=64,
+                                windows=(64, 32, None), dtype="float32", warmup=1, repeats=3)),
     "train": Suite(bench_train, sweep="seq_lens",
                    gpu=dict(preset="small", seq_lens=(2048, 8192, 16384), batch_tokens=16384, precision="bf16", compile=True,
                             warmup=3, repeats=10),
-                   cpu=dict(preset="tiny", seq_lens=(128, 256, 512), batch_tokens=1024, precision="fp32", compile=False,
+                   cpu=dict(preset="tiny", seq_lens=(128, 512, 2048), batch_tokens=4096, precision="fp32", compile=False,
                             warmup=1, repeats=5)),
     "memory": Suite(lambda device, verbose=False: memory_formulas(device), gpu={}, cpu={}),
 }
@@ -391,7 +415,8 @@ _COLUMNS = {  # suite -> (row key, header, format) for the printed table
             ("tokens_per_s", "tokens/s", "{:,.0f}"), ("tflops", "TFLOP/s", "{:.3f}"), ("dropped", "dropped", "{:.1%}")],
     "attention": [("N", "N", "{}"), ("batch", "batch", "{}"), ("full_ms", "full ms", "{:.2f}"),
                   ("multilevel_ms", "multi-level ms", "{:.2f}"), ("speedup", "full / multi", "{:.2f}×"),
-                  ("full_peak_mb", "full MB", "{:.1f}"), ("multilevel_peak_mb", "multi MB", "{:.1f}")],
+                  ("full_peak_mb", "full MB", "{:.1f}"), ("multilevel_peak_mb", "multi MB", "{:.1f}"),
+                  ("level_ms", "levels ms, apart", "{:.1f}"), ("fusion_ms", "fusion ms", "{:.1f}")],
     "train": [("N", "N", "{}"), ("model", "model", "{}"), ("batch", "batch", "{}"), ("active_params", "active params", "{:,}"),
               ("ms", "median ms", "{:.1f}"), ("iqr", "IQR ms", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
               ("flops_per_token", "GFLOP/token", "{:.3f}"), ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU", "{:.1%}"),
@@ -405,6 +430,7 @@ def format_rows(suite: str, rows: list) -> str:
     def cell(r, key, fmt):
         if key == "iqr": key, r = "ms", dict(ms=r["ms_q3"] - r["ms_q1"]) if "ms_q3" in r else {}
         if key == "flops_per_token" and key in r: return fmt.format(r[key] / 1e9)
+        if isinstance(r.get(key), list): return " + ".join(fmt.format(x) for x in r[key])
         return fmt.format(r[key]) if r.get(key) is not None else "–"
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " | status |", "|" + "---|" * (len(cols) + 1)]
     lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in cols) + f" | {r.get('status', 'ok')} |" for r in rows]
@@ -493,3 +519,118 @@ def run_suites(names, device=None, out=None, verbose: bool = True) -> dict:
     unknown = [n for n in names if n not in SUITES]
     if unknown: raise ValueError(f"unknown benchmark suite {unknown[0]!r}; choose one of {(*SUITES, 'all')}")
     return {n: run_suite(n, device, out, verbose) for n in names}
+
+# %% ../nbs/50_bench.ipynb #5d747828
+PROFILE_CATEGORIES = ("expert matmuls", "shared expert projections", "dense FFN in the MoE's place", "other dense matmuls",
+                      "attention", "router, top-k, sort", "gathers and scatters", "layer norm", "elementwise", "optimizer",
+                      "other ops", "between ops")
+_MATMULS = {f"aten::{n}" for n in "mm bmm addmm baddbmm _grouped_mm matmul linear".split()}
+_SORTS = {f"aten::{n}" for n in "sort topk argsort".split()}
+_GATHERS = {f"aten::{n}" for n in ("index_select index_add_ index_add index_copy index_copy_ scatter_add_ scatter_add scatter "
+                                   "scatter_ gather embedding embedding_backward embedding_dense_backward index index_put_ "
+                                   "_index_put_impl_").split()}
+_ELEMENTWISE = {f"aten::{n}" for n in (
+    "add add_ sub sub_ rsub mul mul_ div div_ neg gelu gelu_backward copy_ fill_ zero_ zeros_like ones_like full_like where "
+    "clamp clamp_min exp log pow sqrt rsqrt sin cos sigmoid tanh maximum minimum lerp_ addcmul_ addcdiv_ _to_copy to clone "
+    "contiguous masked_fill masked_fill_ reciprocal abs sign eq ne gt lt ge le").split()}
+_SCOPE = "vishwamai.scope::"
+_MATMUL_SCOPE = {"experts": "expert matmuls", "projections": "shared expert projections", "ffn": "dense FFN in the MoE's place"}
+
+def _op_category(name: str, scope: str | None, phase: str) -> str:
+    "The category of one operator `name` run inside module `scope` in `phase` (forward, backward, optimizer)."
+    if phase == "optimizer": return "optimizer"
+    if scope == "attention": return "other dense matmuls" if name in _MATMULS else "attention"
+    if scope == "router" or name in _SORTS: return "router, top-k, sort"
+    if name in _MATMULS: return _MATMUL_SCOPE.get(scope, "other dense matmuls")
+    if name in _GATHERS: return "gathers and scatters"
+    if "layer_norm" in name: return "layer norm"
+    return "elementwise" if name in _ELEMENTWISE else "other ops"
+
+# %% ../nbs/50_bench.ipynb #1f522135
+def _scope_hooks(model) -> list:
+    "Forward hooks opening profiler ranges around attention, MoE, experts, shared projections and a dense FFN in the MoE's place."
+    handles, open_ranges = [], []
+    def scoped(module, name):
+        def enter(m, args):
+            open_ranges.append(torch.autograd.profiler.record_function(_SCOPE + name))
+            open_ranges[-1].__enter__()
+        def leave(m, args, out): open_ranges.pop().__exit__(None, None, None)
+        handles.extend([module.register_forward_pre_hook(enter), module.register_forward_hook(leave)])
+    for m in model.modules():
+        if isinstance(m, MultiLevelAttention): scoped(m, "attention")
+        elif isinstance(m, MoE): scoped(m, "router")  # the MoE layer outside its experts: router, losses, statistics
+        elif isinstance(m, Experts):
+            scoped(m, "experts")
+            for proj in (m.w_in, m.w_out): scoped(proj, "projections")
+    for block in getattr(model, "blocks", []):
+        if isinstance(block.moe, DenseFFN): scoped(block.moe, "ffn")
+    return handles
+
+def step_categories(events) -> dict:
+    "Self CPU microseconds per category (all but 'between ops') of the profiler `events` of one training step."
+    tops = sorted((e for e in events if e.cpu_parent is None), key=lambda e: e.time_range.start)
+    backward = [e for e in tops if e.name.startswith("autograd::engine::evaluate_function")]
+    backward_end = max((e.time_range.end for e in backward), default=float("inf"))
+    created_in, totals = {}, dict.fromkeys(PROFILE_CATEGORIES[:-1], 0.0)
+    def walk(e, scope, phase):
+        if e.name.startswith(_SCOPE): scope = e.name[len(_SCOPE):]  # a range's own time is Python: between ops
+        else: totals[_op_category(e.name, scope, phase)] += e.self_cpu_time_total
+        if phase == "forward" and e.sequence_nr >= 0: created_in.setdefault(e.sequence_nr, scope)
+        for child in e.cpu_children: walk(child, scope, phase)
+    for e in tops:  # forward and optimizer first, so that every autograd node's module is known
+        if not e.name.startswith("autograd::engine::evaluate_function"):
+            walk(e, None, "optimizer" if e.time_range.start >= backward_end else "forward")
+    for e in backward: walk(e, created_in.get(e.sequence_nr), "backward")  # placed by the op that created its node
+    return totals
+
+# %% ../nbs/50_bench.ipynb #fe15789e
+def _minor_faults() -> int:
+    "Minor page faults of this process so far (first touches of fresh memory); 0 where the OS does not count them."
+    try: import resource
+    except ImportError: return 0  # Windows
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def profile_step(preset: str = "tiny", seq_len: int = 128, batch_tokens: int = 1024, warmup: int = 1, repeats: int = 5,
+                 threads: int | None = None, **overrides) -> list:
+    """Where one CPU training step's time goes, Vishwamai vs `dense_baseline` (as `bench_train` builds them): median self
+    CPU ms per category over `repeats` profiled steps of each, alternated; `threads` sets torch's CPU threads meanwhile."""
+    from torch.profiler import ProfilerActivity, profile
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the CUDA build's warning on machines without a GPU
+    base = VishwamaiConfig.preset(preset, **overrides)
+    before = torch.get_num_threads()
+    if threads is not None: torch.set_num_threads(threads)
+    try:
+        steps, runs = {}, {"vishwamai": [], "dense": []}
+        for name, cfg in (("vishwamai", base), ("dense", dense_baseline(base))):
+            torch.manual_seed(0)
+            steps[name] = _train_step(replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len)), batch_tokens // seq_len,
+                                      seq_len, torch.device("cpu"), "fp32", compile=False)
+            _scope_hooks(steps[name].model)
+        for i in range(warmup + repeats):
+            for name, step in steps.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    faults, t0 = _minor_faults(), time.perf_counter()
+                    step()
+                    wall, faults = (time.perf_counter() - t0) * 1e3, _minor_faults() - faults
+                if i < warmup: continue
+                cats = {c: us / 1e3 for c, us in step_categories(prof.events()).items()}
+                runs[name].append({**cats, "between ops": wall - sum(cats.values()), "step": wall, "faults": faults})
+    finally: torch.set_num_threads(before)
+    def median(key, unit): return {f"{n}_{unit}": statistics.median(r[key] for r in rs) for n, rs in runs.items()}
+    return [dict(category=c, **median(c, "ms")) for c in (*PROFILE_CATEGORIES, "step")] + [
+        dict(category="page faults", **median("faults", "count"))]
+
+def format_profile(rows: list) -> str:
+    "A Markdown table of `profile_step` rows, with each category's difference and its share of the step-time difference."
+    step = next(r for r in rows if r["category"] == "step")
+    gap = step["vishwamai_ms"] - step["dense_ms"]
+    lines = ["| category | Vishwamai ms | dense ms | difference ms | share of the difference |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["category"] == "page faults":
+            lines.append(f"\nMinor page faults per step (fresh memory touched for the first time): Vishwamai "
+                         f"{r['vishwamai_count']:,.0f}, dense {r['dense_count']:,.0f}.")
+            continue
+        d = r["vishwamai_ms"] - r["dense_ms"]
+        name = "**whole step (profiled)**" if r["category"] == "step" else r["category"]
+        lines.append(f"| {name} | {r['vishwamai_ms']:.1f} | {r['dense_ms']:.1f} | {d:+.1f} | {d / gap:+.0%} |")
+    return "\n".join(lines)

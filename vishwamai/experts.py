@@ -15,8 +15,9 @@ from .device import is_cpu, is_cuda, is_xla
 
 # %% auto #0
 __all__ = ['DISPATCHES', 'expert_mlp', 'SharedExpert', 'dispatch_loop', 'fast_grouped_mm_gpu', 'grouped_mm_supported',
-           'padded_expert_mlp', 'sorted_expert_mlp', 'dispatch_grouped', 'capacity_budget', 'running_max',
-           'CapacityState', 'causal_capacity_plan', 'capacity_mlp', 'dispatch_capacity', 'resolve_moe_impl', 'Experts']
+           'padded_expert_mlp', 'sorted_expert_mlp', 'sort_by_expert', 'dispatch_grouped', 'capacity_budget',
+           'running_max', 'CapacityState', 'causal_capacity_plan', 'capacity_mlp', 'dispatch_capacity',
+           'resolve_moe_impl', 'Experts']
 
 # %% ../nbs/12_experts.ipynb #97d40177
 def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -79,13 +80,16 @@ def sorted_expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, count
     buf = x.new_zeros(E * C, x.shape[-1]).index_copy(0, slot, x).view(E, C, -1)
     return padded_expert_mlp(buf, w1, w2).flatten(0, 1).index_select(0, slot)
 
+def sort_by_expert(idx: torch.Tensor, num_experts: int):
+    "The plan of assignments `idx` `[N, k]` sorted by expert: `(row_expert, order, token, counts)`, one entry per sorted row."
+    row_expert, order = torch.sort(idx.reshape(-1), stable=True)  # the one sort; order[i]: the flat (token, slot) of row i
+    counts = torch.zeros(num_experts, dtype=torch.long, device=idx.device)
+    counts.scatter_add_(0, row_expert, torch.ones_like(row_expert))  # rows per expert, no host read
+    return row_expert, order, order // idx.shape[-1], counts
+
 def dispatch_grouped(experts: "Experts", u: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor):
     "Dropless dispatch: one sort by expert, grouped GEMMs, an in-place scatter-add back. Returns `[N, d_e]` and 0 dropped."
-    N, k = idx.shape
-    row_expert, order = torch.sort(idx.reshape(-1), stable=True)  # the one sort
-    token = order // k
-    counts = torch.zeros(experts.num_experts, dtype=torch.long, device=u.device)
-    counts.scatter_add_(0, row_expert, torch.ones_like(row_expert))
+    row_expert, order, token, counts = sort_by_expert(idx, experts.num_experts)
     # normalize once per token, then each row's expert scale and shift; cast back because autocast runs layer_norm in fp32
     x = F.layer_norm(u, u.shape[-1:]).index_select(0, token)
     x = (x * experts.norm_weight.index_select(0, row_expert) + experts.norm_bias.index_select(0, row_expert)).to(u.dtype)

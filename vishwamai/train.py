@@ -447,7 +447,7 @@ def open_metrics_log(run: Path, t: Trainer, history: dict, start: int) -> Metric
         writer = SummaryWriter(run / "tensorboard", purge_step=start + 1)  # drops the events of steps after `start`
     return MetricsLog(history, cfg.num_experts if cfg.use_moe else 0, path, writer)
 
-# %% ../nbs/34_train.ipynb #76733c37
+# %% ../nbs/34_train.ipynb #cb0794f7
 def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, last_good, progress: bool) -> dict:
     "Steps `start..end-1` of `train`: step, log, evaluate and save at their intervals, save and stop on a signal."
     from tqdm.auto import tqdm
