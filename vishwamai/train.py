@@ -142,7 +142,6 @@ def step_batches(blocks, tc: TrainConfig, start: int, end: int, num_replicas: in
                  for m in range(tc.grad_accum)]
         yield torch.stack([x for x, _ in micro]), torch.stack([y for _, y in micro])
 
-
 # %% ../nbs/34_train.ipynb #9c4dad2f
 @dataclass
 class Trainer:
@@ -216,8 +215,7 @@ def train_step(t: Trainer, xs: torch.Tensor, ys: torch.Tensor) -> StepMetrics:
     moe = moe * torch.tensor([1 / t.tc.grad_accum] * 2 + [1.0] * (moe.shape[-1] - 2), device=lm.device)  # means; loads summed
     if t.job: lm_sum, aux_sum, moe = reduce_step_metrics(lm_sum, aux_sum, moe)  # the job's losses and loads
     if t.scaler: t.scaler.unscale_(t.opt)
-    if t.job: grad_norm = clip_grad_norm_(t.model, t.tc.grad_clip)  # the norm of the whole sharded model
-    else: grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.tc.grad_clip or float("inf"))  # inf: measure only
+    grad_norm = clip_grad_norm_(t.model, t.tc.grad_clip)  # grad_clip 0: only measured; in a job, over every shard
     if t.scaler:
         t.scaler.step(t.opt)
         t.scaler.update()
@@ -225,7 +223,6 @@ def train_step(t: Trainer, xs: torch.Tensor, ys: torch.Tensor) -> StepMetrics:
     t.opt.zero_grad(set_to_none=True)
     if t.balancing: t.model.update_balance_biases(list(moe[:, 2:]))  # tokens per expert over this step's micro-batches
     return StepMetrics(lm_sum.float(), aux_sum.float(), grad_norm.float(), moe)
-
 
 # %% ../nbs/34_train.ipynb #358f34e2
 @torch.no_grad()
@@ -328,7 +325,6 @@ class MetricsLog:
         self.pending.append(torch.cat([m.lm[None], m.aux[None], m.grad_norm[None], m.moe.flatten()]))
         self.tokens += tokens
 
-
 # %% ../nbs/34_train.ipynb #cae3a7a0
 @patch
 def flush(self: MetricsLog, step: int, lr: float) -> dict:
@@ -362,7 +358,6 @@ def write(self: MetricsLog, record: dict):
 @patch
 def close(self: MetricsLog):
     if self.writer is not None: self.writer.close()
-
 
 # %% ../nbs/34_train.ipynb #f7b1d4b0
 class StopOnSignal:
@@ -483,7 +478,6 @@ def run_steps(t: Trainer, data, run: Path, history: dict, start: int, end: int, 
     return dict(history=history, checkpoint=last_good, tokens_per_s=log.tokens_per_s,
                 val_loss=history["val"][-1][1] if history["val"] else None, unigram=history["unigram"], data=data,
                 model=t.model, interrupted=signum)
-
 
 # %% ../nbs/34_train.ipynb #2b65cd26
 def train(cfg: VishwamaiConfig, tc: TrainConfig, resume: bool = False, data=None, until: int | None = None,
