@@ -114,9 +114,9 @@ def _hash_unit(seed: int, key: str) -> float:
     return int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest(), "big") / 2 ** 64
 
 def split_documents(ds, val_fraction: float = 0.05, seed: int = 0):
-    """Split a corpus into `(train, val)`, keeping each family of documents (see `_family`) on one side.
+    """Split a corpus into `(train, val)`, keeping each family of documents (the files of one package) on one side.
     A `Dataset` of several documents: whole families, in a seeded order, fill validation up to `val_fraction` of the
-    documents. One document: split by position (see `_split_by_position`). A stream: each family goes to validation
+    documents. One document: split by position. A stream: each family goes to validation
     when its seeded hash falls below `val_fraction`."""
     from datasets import IterableDataset
     if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
