@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .checkpoint import save_checkpoint
 from .device import rng_state, to_cpu
-from .experts import Experts, sorted_expert_mlp
+from .experts import Experts, sort_by_expert, sorted_expert_mlp
 from .model import Vishwamai
 from .moe import MoE
 from .sharding import num_experts_per_device
@@ -84,21 +84,18 @@ class ExpertParallelExperts(nn.Module):
         from torch.distributed.nn.functional import all_to_all_single
         lead, k = x.shape[:-1], idx.shape[-1]
         u, idx, gates = self.w_in(x).reshape(-1, self.w_in.out_features), idx.reshape(-1, k), gates.reshape(-1, k)
-        expert, order = torch.sort(idx.reshape(-1), stable=True)
-        token = order // k
+        expert, order, token, counts = sort_by_expert(idx, self.num_experts)  # the experts chapter's plan
         rows = F.layer_norm(u, u.shape[-1:]).index_select(0, token)
-        send = torch.zeros(self.world, dtype=torch.long, device=u.device)
-        send.scatter_add_(0, expert // self.local, torch.ones_like(expert))
+        send = counts.view(self.world, self.local).sum(1)  # experts are laid out by process: rows for each process
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         send_n, recv_n = self.splits = send.tolist(), recv.tolist()  # split sizes must be host integers
         got = all_to_all_single(rows.new_empty(sum(recv_n), rows.shape[-1]), rows, recv_n, send_n, group=self.group)
         got_expert = expert.new_empty(sum(recv_n))
         dist.all_to_all_single(got_expert, expert % self.local, recv_n, send_n, group=self.group)
-        local, perm = torch.sort(got_expert, stable=True)
+        local, perm, _, counts = sort_by_expert(got_expert[:, None], self.local)  # the arrivals, by local expert
         h = got.index_select(0, perm) * self.norm_weight.index_select(0, local) + self.norm_bias.index_select(0, local)
         h = h.to(u.dtype)
-        counts = torch.zeros(self.local, dtype=torch.long, device=u.device).scatter_add_(0, local, torch.ones_like(local))
         y = sorted_expert_mlp(h, self.w1.to(u.dtype), self.w2.to(u.dtype), counts, local)
         y = y.new_zeros(y.shape).index_copy(0, perm, y)  # back to arrival order
         back = all_to_all_single(y.new_empty(sum(send_n), y.shape[-1]), y, send_n, recv_n, group=self.group)
