@@ -44,29 +44,31 @@ def test_the_future_never_changes_the_past(name, T):
         assert _max_past_change(model, x, y, t) <= bound, f"T={T}: positions <= {t} changed"
 
 
+def _dropping_capacity_model():
+    "A float64 model whose capacity dispatch (factor 0.5) drops assignments."
+    torch.manual_seed(0)
+    return Vishwamai(replace(CFG, moe_impl="capacity", capacity_factor=0.5)).double().eval()
+
+
 @pytest.mark.exact
 def test_capacity_routing_is_causal_within_and_across_sequences_with_drops():
     "The capacity dispatch's buffers have fixed shapes, so every comparison with a batch of the same shape is exact."
-    cfg = replace(CFG, moe_impl="capacity", capacity_factor=0.5)
-    torch.manual_seed(0)
-    model = Vishwamai(cfg).double().eval()
-    x = torch.randint(0, cfg.vocab_size, (3, 48))
+    model = _dropping_capacity_model()
+    x = torch.randint(0, model.cfg.vocab_size, (3, 48))
     out = model(x)
     assert all(0.2 < float(s["dropped_fraction"]) < 0.8 for s in out.moe_stats)  # the queues really drop
     y = x.clone()
-    y[0] = torch.randint(0, cfg.vocab_size, (48,))  # another sequence in row 0
+    y[0] = torch.randint(0, model.cfg.vocab_size, (48,))  # another sequence in row 0
     assert torch.equal(model(y).logits[1:], out.logits[1:])  # rows 1 and 2 do not see it
     y = x.clone()
-    y[:, 30:] = torch.randint(0, cfg.vocab_size, (3, 18))
+    y[:, 30:] = torch.randint(0, model.cfg.vocab_size, (3, 18))
     assert torch.equal(model(y).logits[:, :30], out.logits[:, :30])
 
 
 def test_capacity_routing_is_the_same_alone_and_in_a_batch():
     "Alone, the buffers have another shape, so BLAS may round differently: the bound of the dropless case applies."
-    cfg = replace(CFG, moe_impl="capacity", capacity_factor=0.5)
-    torch.manual_seed(0)
-    model = Vishwamai(cfg).double().eval()
-    x = torch.randint(0, cfg.vocab_size, (4, 40))
+    model = _dropping_capacity_model()
+    x = torch.randint(0, model.cfg.vocab_size, (4, 40))
     batch = model(x).logits
     for i in range(4):
         assert (model(x[i:i + 1]).logits[0] - batch[i]).abs().max() <= DROPLESS_BOUND

@@ -212,7 +212,7 @@ def train_step(t: Trainer, xs: torch.Tensor, ys: torch.Tensor) -> StepMetrics:
         lm_sum = lm_sum + lm / t.tc.grad_accum
         aux_sum = aux_sum + aux / t.tc.grad_accum
         moe = moe + moe_metrics(stats).to(lm.device)
-    moe = moe * torch.tensor([1 / t.tc.grad_accum] * 2 + [1.0] * (moe.shape[-1] - 2), device=lm.device)  # means; loads summed
+    moe = torch.cat([moe[:, :2] / t.tc.grad_accum, moe[:, 2:]], 1)  # dropped fraction and entropy: means; loads: sums
     if t.job: lm_sum, aux_sum, moe = reduce_step_metrics(lm_sum, aux_sum, moe)  # the job's losses and loads
     if t.scaler: t.scaler.unscale_(t.opt)
     grad_norm = clip_grad_norm_(t.model, t.tc.grad_clip)  # grad_clip 0: only measured; in a job, over every shard
